@@ -1,0 +1,110 @@
+"""One test file for every script: tiny end-to-end CPU runs, tricky math against brute force, and masks.
+
+Run:  python -m pytest -q test_models.py      (about a minute on two CPU cores)
+Tests make their own tiny data; nothing is downloaded.
+"""
+import json
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import vae_2d
+
+
+def read_metrics(out):
+    with open(os.path.join(out, 'metrics.json')) as f:
+        return json.load(f)
+
+
+def write_pkl(path, train, test, **extra):
+    with open(path, 'wb') as f:
+        pickle.dump({'train': train, 'test': test, **extra}, f)
+
+
+@pytest.fixture(scope='session')
+def image_dir(tmp_path_factory):
+    """A tiny cifar10.pkl and mnist.pkl in the data.zip format: smooth random blobs, seeded."""
+    d = tmp_path_factory.mktemp('data')
+    rng = np.random.default_rng(0)
+
+    def images(n, size, channels):
+        low = rng.uniform(0, 255, (n, 4, 4, channels))  # upsampled noise: images with some structure
+        big = np.kron(low, np.ones((1, size // 4, size // 4, 1)))
+        return big.clip(0, 255).astype(np.uint8)
+
+    write_pkl(d / 'cifar10.pkl', images(64, 32, 3), images(16, 32, 3))
+    write_pkl(d / 'mnist.pkl', images(64, 28, 1)[..., 0], images(16, 28, 1)[..., 0])
+    return str(d)
+
+
+# ---------------------------------------------------------------------------------------------- vae_2d
+
+def test_vae_2d_end_to_end(tmp_path):
+    out = str(tmp_path / 'run')
+    vae_2d.main(['--epochs', '3', '--subset', '2000', '--out', out, '--iw-samples', '20'])
+    for name in ('samples.png', 'curves.png', 'kl_per_dim.png', 'metrics.json', 'model.pt'):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    m = read_metrics(out)
+    assert m['test_history']['neg_elbo'][-1] < m['test_history']['neg_elbo'][0]
+    assert set(m['final_test']) >= {'neg_elbo', 'recon', 'kl', 'nll_iw', 'active_units'}
+    assert m['train_examples_per_s'] > 0 and m['script'] == 'vae_2d'
+    ckpt = torch.load(os.path.join(out, 'model.pt'), weights_only=True)
+    model = vae_2d.VAE2d(ckpt['config']['hidden'])  # the checkpoint alone rebuilds the model
+    model.load_state_dict(ckpt['model'])
+
+
+def test_analytic_kl_matches_monte_carlo():
+    torch.manual_seed(0)
+    mu, logvar = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([0.3, -1.5, 0.0])
+    analytic = vae_2d.kl_standard_normal(mu, logvar)
+    z = mu + (0.5 * logvar).exp() * torch.randn(400_000, 3)
+    log_q = -0.5 * (math.log(2 * math.pi) + logvar + (z - mu) ** 2 / logvar.exp())
+    log_p = -0.5 * (math.log(2 * math.pi) + z ** 2)
+    monte_carlo = (log_q - log_p).mean(0)
+    assert torch.allclose(analytic, monte_carlo, atol=0.02), (analytic, monte_carlo)
+
+
+def test_2d_data_is_seeded_and_shaped():
+    train, test = common.load_2d('gaussian1')
+    assert train.shape == (10_000, 2) and test.shape == (2_500, 2)
+    assert torch.equal(train, common.load_2d('gaussian1')[0])
+    cov = torch.cov(train.T)  # rotated: strongly correlated axes; diagonal twin: uncorrelated
+    assert cov[0, 1] > 10 and abs(torch.cov(common.load_2d('diagonal1')[0].T)[0, 1]) < 0.5
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def test_data_zip_loader(tmp_path):
+    train = np.zeros((3, 32, 32, 3), np.uint8)
+    train[0, 0, 0] = (0, 255, 128)
+    write_pkl(tmp_path / 'cifar10.pkl', train, np.full((2, 32, 32, 3), 255, np.uint8))
+    x, y = common.load_images('cifar10', str(tmp_path))
+    assert x.shape == (3, 3, 32, 32) and y.shape == (2, 3, 32, 32) and x.dtype == torch.float32
+    assert x[0, :, 0, 0].tolist() == pytest.approx([-1.0, 1.0, 128 / 127.5 - 1], abs=1e-6)
+    assert (y == 1).all() and x.min() >= -1
+    write_pkl(tmp_path / 'mnist.pkl', np.full((2, 28, 28), 255, np.uint8), np.zeros((1, 28, 28), np.uint8))
+    x, _ = common.load_images('mnist', str(tmp_path))
+    assert x.shape == (2, 1, 32, 32)
+    assert (x[:, :, 2:30, 2:30] == 1).all() and (x[:, :, :2] == -1).all()  # zero-padded to 32x32
+
+
+class Hostile:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+def test_hostile_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / 'payload-ran'
+    write_pkl(tmp_path / 'cifar10.pkl', Hostile(marker), Hostile(marker))
+    with pytest.raises(SystemExit) as e:
+        common.load_images('cifar10', str(tmp_path))
+    assert 'not a numpy array' in str(e.value.code) and 'cifar10.pkl' in str(e.value.code)
+    assert not marker.exists()
