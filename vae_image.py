@@ -1,0 +1,272 @@
+"""A VAE on 32x32 images with a convolutional encoder and decoder (Kingma & Welling, 2014).
+
+Model
+    prior      p(z)   = N(0, I),                  z in R^16
+    encoder    q(z|x) = N(mu(x), diag sigma^2(x))
+    decoder    p(x|z) = N(mu(z), s^2 I),          s = --decoder-std, fixed (the course's model: s = 1)
+
+Objective: the negative ELBO, in nats per image with all constants, on pixels scaled to [-1, 1]:
+    -ELBO = recon + kl
+    recon = -log p(x|z) = 1/2 sum_d [ log(2 pi s^2) + (x_d - mu_d(z))^2 / s^2 ],  z = mu + sigma * eps
+    kl    = KL(q(z|x) || N(0, I)) = 1/2 sum_j [ mu_j^2 + sigma_j^2 - 1 - log sigma_j^2 ]
+
+What s changes. s is how much pixel noise the model believes in. The reconstruction error is divided by
+s^2 while the KL is not, so s sets the exchange rate between them: s = 1 (the course's choice) makes
+a pixel error cheap, the encoder keeps little information in z (small KL) and the images are blurry;
+s = 0.1 makes errors 100 times dearer, the KL grows and the reconstructions sharpen. It also changes
+the likelihood itself: on data in [-1, 1] a noise of s = 1 is wider than the whole pixel range, so the
+ELBO in bits per dimension is worse than a uniform guess (8 bits) whatever the network does.
+
+Also reported, per test image:
+    mse           per-pixel squared error of the decoder mean, on [-1, 1]
+    bits_per_dim  -ELBO on the 0-255 pixel scale / (D ln 2) = (-ELBO + D ln 127.5) / (D ln 2)
+    sse_plus_kl   sum of squared errors + KL: the course's convention (SVHN 104.0, CIFAR-10 241.6 after 20
+                  epochs); it equals 2 (-ELBO) - D log 2 pi at s = 1, up to the factor on the KL
+    nll_iw        importance-weighted estimate of -log p(x) with K samples (Burda et al., 2016)
+    active_units  latent dimensions whose posterior mean varies over the test set (variance > 0.01)
+
+Run:
+    python vae_image.py --dataset svhn                       # 20 epochs; downloads SVHN unless ./data/svhn.pkl
+    python vae_image.py --dataset cifar10 --data-dir ../shared/data --epochs 5
+Writes into results/vae_image/<dataset>/: samples.png, reconstructions.png, interpolations.png,
+traversals.png, kl_per_dim.png, curves.png, metrics.json, model.pt.
+"""
+import math
+import time
+
+import torch
+import torch.nn as nn
+
+import common
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def parse_args(argv=None, script='vae_image', doc=__doc__):
+    p = common.make_parser(
+        doc, script, datasets=list(common.IMAGE_CHANNELS), dataset='svhn', epochs=20, batch_size=128, lr=1e-3,
+        why={'epochs': "20: the course's budget, which its published figures use.",
+             'batch_size': "128, the course's batch: fits any laptop's memory.",
+             'lr': "1e-3: the course's rate, and Adam's usual step."})
+    p.add_argument('--latent-dim', type=common.positive(int), default=16,
+                   help="size of z; 16 as in the course: enough for coarse image structure, small enough to look at")
+    p.add_argument('--decoder-std', type=common.positive(float), default=1.0,
+                   help="fixed std s of p(x|z) on [-1, 1] pixels; 1 is the course's model. Smaller s trades KL for "
+                        "sharper reconstructions (see the docstring)")
+    p.add_argument('--iw-samples', type=common.positive(int), default=100,
+                   help='importance samples K for the final estimate of -log p(x); 100 as in Burda et al.')
+    p.add_argument('--iw-examples', type=common.positive(int), default=500,
+                   help='test images used for that estimate: K decodes each, so a subset keeps it quick on a CPU')
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+class Encoder(nn.Module):
+    def __init__(self, channels, z_dim):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, 1, 1), nn.ReLU(),      # (B, C, 32, 32) -> (B, 32, 32, 32)
+            nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),            # -> (B, 64, 16, 16)
+            nn.Conv2d(64, 128, 3, 2, 1), nn.ReLU(),           # -> (B, 128, 8, 8)
+            nn.Conv2d(128, 256, 3, 2, 1), nn.ReLU(),          # -> (B, 256, 4, 4)
+            nn.Flatten(), nn.Linear(4 * 4 * 256, 2 * z_dim))  # (B, 4096) -> (B, 2 z_dim)
+
+    def forward(self, x):
+        mu, logvar = self.net(x).chunk(2, dim=1)  # (B, 2 z_dim) -> 2 x (B, z_dim)
+        return mu, logvar
+
+
+class Decoder(nn.Module):
+    def __init__(self, channels, z_dim):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(z_dim, 4 * 4 * 128), nn.ReLU())
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(128, 128, 4, 2, 1), nn.ReLU(),  # (B, 128, 4, 4) -> (B, 128, 8, 8)
+            nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.ReLU(),   # -> (B, 64, 16, 16)
+            nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),    # -> (B, 32, 32, 32)
+            nn.Conv2d(32, channels, 3, 1, 1))                  # -> (B, C, 32, 32): the mean of p(x|z)
+
+    def forward(self, z):
+        h = self.fc(z).view(-1, 128, 4, 4)  # (B, 2048) -> (B, 128, 4, 4)
+        return self.net(h)
+
+
+class StandardNormal(nn.Module):
+    """The prior p(z) = N(0, I). vlae.py swaps in a learned prior with the same two methods."""
+    def __init__(self, z_dim):
+        super().__init__()
+        self.z_dim = z_dim
+
+    def log_prob(self, z):
+        return -0.5 * (LOG_2PI + z ** 2)  # (..., z_dim): one term per dimension
+
+    def sample(self, n, device):
+        return torch.randn(n, self.z_dim, device=device)
+
+
+class VAE(nn.Module):
+    def __init__(self, channels, z_dim, decoder_std, prior=None):
+        super().__init__()
+        self.encoder, self.decoder = Encoder(channels, z_dim), Decoder(channels, z_dim)
+        self.prior = prior if prior is not None else StandardNormal(z_dim)
+        self.decoder_std = decoder_std
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+def gaussian_log_prob(z, mu, logvar):
+    """log N(z; mu, diag exp(logvar)) per dimension: (..., z_dim)."""
+    return -0.5 * (LOG_2PI + logvar + (z - mu) ** 2 / logvar.exp())
+
+
+def reconstruction(model, x, z):
+    """-log p(x|z) summed over pixels, and the per-pixel squared error; both (B,)."""
+    s = model.decoder_std
+    sq_err = (x - model.decoder(z)) ** 2
+    recon = 0.5 * (LOG_2PI + 2 * math.log(s) + sq_err / s ** 2).flatten(1).sum(1)  # (B, C, H, W) -> (B,)
+    return recon, sq_err.flatten(1).mean(1)
+
+
+def loss_terms(model, x):
+    """Negative ELBO and its terms, nats per image (sum over dims, mean over batch)."""
+    mu, logvar = model.encoder(x)
+    z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)  # reparameterisation trick
+    recon, mse = reconstruction(model, x, z)  # Kingma & Welling (2014), eq. 10, one sample
+    kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(1)  # closed form, their appendix B
+    return {'neg_elbo': (recon + kl).mean(), 'recon': recon.mean(), 'kl': kl.mean(), 'mse': mse.mean()}
+
+
+def with_course_metrics(terms, dims):
+    """Add bits per dimension (0-255 scale) and the course's sum of squared errors + KL."""
+    # Rescaling x from [-1, 1] to [0, 255] multiplies densities by 127.5^-D: add D ln 127.5 nats.
+    terms['bits_per_dim'] = (terms['neg_elbo'] + dims * math.log(127.5)) / (dims * math.log(2))
+    terms['sse_plus_kl'] = terms['mse'] * dims + terms['kl']
+    return terms
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+def train_epoch(model, optimizer, x, batch_size, run, loss_fn=loss_terms):
+    model.train()
+    logs = []
+    for idx in run.batches(len(x), batch_size, shuffle=True):
+        terms = loss_fn(model, x[idx])
+        optimizer.zero_grad(set_to_none=True)
+        terms['neg_elbo'].backward()
+        optimizer.step()
+        logs.append(torch.stack([t.detach() for t in terms.values()]))  # stays on the device: no sync
+    return dict(zip(terms, torch.stack(logs).T))  # {term: (n_batches,)}
+
+
+@torch.no_grad()
+def evaluate(model, x, batch_size, run, loss_fn=loss_terms):
+    model.eval()
+    totals = {}
+    for idx in run.batches(len(x), batch_size, shuffle=False):
+        for k, v in loss_fn(model, x[idx]).items():
+            totals[k] = totals.get(k, 0.0) + v * len(idx)
+    return with_course_metrics({k: float(v) / len(x) for k, v in totals.items()}, x[0].numel())
+
+
+@torch.no_grad()
+def iw_nll(model, x, k):
+    """-log p(x) ~= -log 1/K sum_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x) (Burda et al., 2016, eq. 8)."""
+    mu, logvar = model.encoder(x)
+    log_w = []
+    for _ in range(k):  # one decode of the whole batch per sample keeps memory flat
+        z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
+        recon, _ = reconstruction(model, x, z)
+        log_w.append(-recon + model.prior.log_prob(z).sum(1) - gaussian_log_prob(z, mu, logvar).sum(1))
+    return -(torch.logsumexp(torch.stack(log_w), dim=0) - math.log(k))  # (K, B) -> (B,)
+
+
+def active_units(mu):
+    """A dimension is active when its posterior mean varies over the data: Var_x[mu_j(x)] > 0.01."""
+    return int((mu.var(0) > 0.01).sum())
+
+
+@torch.no_grad()
+def final_metrics(model, test_x, args, run, loss_fn=loss_terms):
+    """Test metrics, the importance-weighted -log p(x) on a subset, and active units."""
+    model.eval()
+    final = evaluate(model, test_x, args.batch_size, run, loss_fn)
+    sub = test_x[:args.iw_examples]
+    dims = test_x[0].numel()
+    final['nll_iw'] = float(torch.cat([iw_nll(model, b, args.iw_samples) for b in sub.split(100)]).mean())
+    final['bits_per_dim_iw'] = (final['nll_iw'] + dims * math.log(127.5)) / (dims * math.log(2))
+    final['neg_elbo_iw_subset'] = evaluate(model, sub, args.batch_size, run, loss_fn)['neg_elbo']
+    final['active_units'] = active_units(torch.cat([model.encoder(b)[0] for b in test_x.split(500)]))
+    return final
+
+
+@torch.no_grad()
+def draw_pictures(model, test_x, out, title):
+    """Samples, reconstructions, interpolations and latent traversals, each one PNG."""
+    model.eval()
+    device = test_x.device
+    common.image_grid(f'{out}/samples.png', model.decoder(model.prior.sample(100, device)), 10,
+                      f'{title}: 100 samples (decoder means)')
+    x = test_x[:50]
+    recon = model.decoder(model.encoder(x)[0])
+    pairs = torch.stack([x, recon], dim=1).flatten(0, 1)  # (50, 2, C, H, W) -> (100, C, H, W): image, recon
+    common.image_grid(f'{out}/reconstructions.png', pairs, 10, f'{title}: test images beside reconstructions')
+    mu = model.encoder(test_x[:20])[0]
+    za, zb = mu[:10], mu.flip(0)[:10]  # pairs (0, 19), (1, 18), ...: still works on a tiny test set
+    t = torch.linspace(0, 1, 10, device=device).view(1, 10, 1)
+    z = za[:, None] * (1 - t) + zb[:, None] * t  # (pairs, 10 steps, z_dim)
+    common.image_grid(f'{out}/interpolations.png', model.decoder(z.flatten(0, 1)), 10,
+                      f'{title}: interpolations between test images')
+    # Traversals: two test images, one row per latent dimension, that dimension moved over mu +- 3.
+    mu = model.encoder(test_x[:2])[0]  # (2, z_dim)
+    z_dim, steps = mu.shape[1], torch.linspace(-3, 3, 9, device=device)
+    z = mu[None, :, None].repeat(z_dim, 1, 9, 1)  # (z_dim rows, 2 images, 9 steps, z_dim)
+    for j in range(z_dim):
+        z[j, :, :, j] += steps
+    common.image_grid(f'{out}/traversals.png', model.decoder(z.flatten(0, 2)), 18,
+                      f'{title}: each row moves one latent dimension over mu +- 3 (two test images)')
+
+
+def kl_per_dim(model, x):
+    """KL(q(z|x) || N(0, I)) per example and latent dimension, in closed form: (B, z_dim)."""
+    mu, logvar = model.encoder(x)
+    return 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar)
+
+
+def fit_and_report(args, script, build_model, loss_fn, kl_fn):
+    """Load data, train with per-epoch checkpoints, then final metrics and pictures. vlae.py reuses this
+    with its own model, loss and KL: the VLAE is this VAE with a learned prior, nothing else changes."""
+    run = common.Run(args, script, model_keys=('latent_dim',))
+    train_x, test_x = common.take_subset(*common.load_images(args.dataset, args.data_dir), args.subset)
+    train_x, test_x = train_x.to(run.device), test_x.to(run.device)
+    model = build_model(train_x.shape[1]).to(run.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    if args.resume or args.sample_only:
+        run.restore(model, optimizer)
+
+    with run.interruptible():
+        for _ in run.epochs():
+            start = time.time()
+            train_logs = train_epoch(model, optimizer, train_x, args.batch_size, run, loss_fn)
+            seconds = time.time() - start
+            run.end_epoch(train_logs, evaluate(model, test_x, args.batch_size, run, loss_fn), seconds,
+                          len(train_x), model, optimizer)
+
+    final = final_metrics(model, test_x, args, run, loss_fn)
+    title = f'{script} on {args.dataset}'
+    with torch.no_grad():
+        kl = torch.cat([kl_fn(model, b) for b in test_x[:2000].split(500)]).mean(0)  # (B, z_dim) -> (z_dim,)
+    common.bar_chart(f'{args.out}/kl_per_dim.png', kl.tolist(), 'latent dimension', 'KL (nats)',
+                     f'{title}: KL per latent dimension')
+    draw_pictures(model, test_x, args.out, title)
+    return run.finish(final)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    return fit_and_report(args, 'vae_image', lambda channels: VAE(channels, args.latent_dim, args.decoder_std),
+                          loss_terms, kl_per_dim)
+
+
+if __name__ == '__main__':
+    main()

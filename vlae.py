@@ -1,0 +1,119 @@
+"""VLAE: the image VAE of vae_image.py with a learned prior, a MADE autoregressive flow (Chen et al., 2017).
+
+A N(0, I) prior forces every posterior towards one fixed shape; the KL term pays for each mismatch. A
+learned prior can move towards the aggregate posterior instead, so the same encoder and decoder get a
+tighter ELBO. Everything but the prior and the loss's KL is imported from vae_image.py.
+
+Prior: an autoregressive flow over the 16 latent dimensions,
+    eps = z * sigma(z) + mu(z),      eps ~ N(0, I),
+where the i-th entries of mu and sigma depend only on z_1..z_{i-1} (a MADE network: Germain et al.,
+2015, two masked hidden layers of 512). The Jacobian d eps / d z is then lower-triangular with diagonal
+sigma, so by the change of variables
+    log p(z) = log N(eps; 0, I) + sum_i log sigma_i(z)
+and each term is a conditional:  log p(z_i | z_<i) = log N(eps_i; 0, 1) + log sigma_i.
+
+Objective: the negative ELBO, with the KL estimated at the posterior sample z ~ q(z|x) (no closed form):
+    -ELBO = -log p(x|z) + [log q(z|x) - log p(z)]
+Sampling inverts the flow one dimension at a time: z_i = (eps_i - mu_i(z_<i)) / sigma_i(z_<i).
+
+Metrics, pictures and options are those of vae_image.py.
+
+Run:
+    python vlae.py --dataset svhn
+    python vlae.py --dataset cifar10 --data-dir ../shared/data --epochs 5
+Writes into results/vlae/<dataset>/ the same files as vae_image.py.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import vae_image
+from vae_image import LOG_2PI, gaussian_log_prob, reconstruction
+
+
+class MaskedLinear(nn.Linear):
+    """A linear layer whose weight is multiplied by a fixed 0/1 mask on every call."""
+    def __init__(self, n_in, n_out, mask):
+        super().__init__(n_in, n_out)
+        self.register_buffer('mask', mask.float())  # (n_out, n_in)
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
+class MADE(nn.Module):
+    """z (B, D) -> mu, log_sigma (B, D) each, entry i a function of z_1..z_{i-1} only (Germain et al., 2015).
+
+    Every unit gets a degree: input i has degree i, a hidden unit one in 1..D-1. A hidden unit sees units
+    of degree <= its own; output i sees units of degree < i. So no path links z_j to output i when j >= i.
+    """
+    def __init__(self, d, hidden=512):
+        super().__init__()
+        deg_in = torch.arange(1, d + 1)
+        deg_h = torch.arange(hidden) % max(d - 1, 1) + 1  # cycle through 1..D-1: every degree well used
+        deg_out = deg_in.repeat(2)  # mu and log_sigma for each dimension
+        self.net = nn.Sequential(
+            MaskedLinear(d, hidden, deg_h[:, None] >= deg_in[None, :]), nn.ReLU(),
+            MaskedLinear(hidden, hidden, deg_h[:, None] >= deg_h[None, :]), nn.ReLU(),
+            MaskedLinear(hidden, 2 * d, deg_out[:, None] > deg_h[None, :]))
+        nn.init.zeros_(self.net[-1].weight)  # start as the identity flow, i.e. the N(0, I) prior
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, z):
+        mu, log_sigma = self.net(z).chunk(2, dim=1)  # (B, 2D) -> 2 x (B, D)
+        return mu, log_sigma
+
+
+class FlowPrior(nn.Module):
+    """p(z) through eps = z * sigma(z) + mu(z); same methods as vae_image.StandardNormal."""
+    def __init__(self, z_dim, hidden=512):
+        super().__init__()
+        self.z_dim, self.made = z_dim, MADE(z_dim, hidden)
+
+    def forward(self, z):
+        """z -> eps and log |d eps / d z| per dimension (the Jacobian's diagonal)."""
+        mu, log_sigma = self.made(z)
+        return z * log_sigma.exp() + mu, log_sigma
+
+    def log_prob(self, z):
+        eps, log_sigma = self(z)
+        return -0.5 * (LOG_2PI + eps ** 2) + log_sigma  # (B, D): log p(z_i | z_<i)
+
+    @torch.no_grad()
+    def sample(self, n, device, eps=None):
+        """Invert the flow one dimension at a time: D passes of the MADE."""
+        eps = torch.randn(n, self.z_dim, device=device) if eps is None else eps
+        z = torch.zeros_like(eps)
+        for i in range(self.z_dim):
+            mu, log_sigma = self.made(z)  # entry i is final once z_1..z_{i-1} are
+            z[:, i] = (eps[:, i] - mu[:, i]) * torch.exp(-log_sigma[:, i])
+        return z
+
+
+def loss_terms(model, x):
+    """Negative ELBO with a single-sample KL estimate, nats per image (sum over dims, mean over batch)."""
+    mu, logvar = model.encoder(x)
+    z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)  # reparameterisation trick
+    recon, mse = reconstruction(model, x, z)
+    kl = (gaussian_log_prob(z, mu, logvar) - model.prior.log_prob(z)).sum(1)  # log q(z|x) - log p(z)
+    return {'neg_elbo': (recon + kl).mean(), 'recon': recon.mean(), 'kl': kl.mean(), 'mse': mse.mean()}
+
+
+def kl_per_dim(model, x, samples=10):
+    """E_q[log q(z_i|x) - log p(z_i|z_<i)] per example and dimension, by Monte Carlo: (B, z_dim)."""
+    mu, logvar = model.encoder(x)
+    z = mu + (0.5 * logvar).exp() * torch.randn(samples, *mu.shape, device=x.device)  # (S, B, z_dim)
+    log_p = model.prior.log_prob(z.flatten(0, 1)).view_as(z)  # (S*B, z_dim) -> (S, B, z_dim)
+    return (gaussian_log_prob(z, mu, logvar) - log_p).mean(0)
+
+
+def main(argv=None):
+    args = vae_image.parse_args(argv, script='vlae', doc=__doc__)
+    return vae_image.fit_and_report(
+        args, 'vlae', lambda channels: vae_image.VAE(channels, args.latent_dim, args.decoder_std,
+                                                     prior=FlowPrior(args.latent_dim)),
+        loss_terms, kl_per_dim)
+
+
+if __name__ == '__main__':
+    main()
