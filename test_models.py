@@ -16,6 +16,8 @@ import common
 import vae_2d
 import vae_image
 import vlae
+import vqvae
+import pixelcnn_prior
 
 
 def read_metrics(out):
@@ -174,3 +176,118 @@ def test_flow_log_prob_is_a_density():
     with torch.no_grad():
         mass = prior.log_prob(z).sum(1).exp().sum() * (g[1] - g[0]) ** 2
     assert mass == pytest.approx(1.0, abs=0.02)
+
+
+# ---------------------------------------------------------------------------------------------- vqvae
+
+def test_nearest_code_matches_brute_force():
+    torch.manual_seed(0)
+    model = vqvae.VQVAE(3, num_codes=20, code_dim=8)
+    torch.nn.init.normal_(model.codebook.weight)
+    z_e = torch.randn(2, 8, 3, 3)
+    codes = model.nearest_code(z_e)
+    for b in range(2):
+        for i in range(3):
+            for j in range(3):
+                dists = [float(((z_e[b, :, i, j] - e) ** 2).sum()) for e in model.codebook.weight.detach()]
+                assert codes[b, i, j] == int(np.argmin(dists))
+    assert torch.equal(model.lookup(codes)[0, :, 1, 2], model.codebook.weight[codes[0, 1, 2]])
+
+
+def test_codebook_initialisation_range():
+    w = vqvae.VQVAE(3, num_codes=128, code_dim=256).codebook.weight
+    assert w.abs().max() <= 1 / 128 and w.abs().max() > 0.9 / 128 and w.std() > 0.5 / 128 / math.sqrt(3)
+
+
+def test_gradients_flow_where_the_loss_says():
+    """Straight-through: the reconstruction reaches the encoder; codebook and commitment terms each reach
+    only their own side."""
+    torch.manual_seed(0)
+    model = vqvae.VQVAE(3, num_codes=16, code_dim=16)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    terms, _, _ = vqvae.loss_terms(model, x, beta=0.25)
+
+    def grads(term):
+        model.zero_grad()
+        terms[term].backward(retain_graph=True)
+        enc = sum(float(p.grad.abs().sum()) for p in model.encoder.parameters() if p.grad is not None)
+        book = model.codebook.weight.grad
+        return enc, 0.0 if book is None else float(book.abs().sum())
+
+    enc, book = grads('recon_mse')
+    assert enc > 0 and book == 0  # through z_e + sg[z_q - z_e], not through the codebook
+    enc, book = grads('codebook')
+    assert enc == 0 and book > 0
+    enc, book = grads('commitment')
+    assert enc > 0 and book == 0
+
+
+def test_dead_codes_are_restarted(image_dir, tmp_path):
+    """A codebook whose codes sit far from every encoder output is unused; the restart brings them in."""
+    torch.manual_seed(0)
+    model = vqvae.VQVAE(3, num_codes=16, code_dim=16)
+    with torch.no_grad():
+        model.codebook.weight[1:] += 1000.0  # codes 1..15 can never be nearest: forced unused
+    x = common.load_images('cifar10', image_dir)[0][:32]
+    z_e = model.encoder(x).detach()
+    counts = torch.bincount(model.nearest_code(z_e).flatten(), minlength=16)
+    assert int((counts > 0).sum()) == 1
+    assert vqvae.restart_dead_codes(model, counts, z_e) == 15
+    counts = torch.bincount(model.nearest_code(z_e).flatten(), minlength=16)
+    assert int((counts > 0).sum()) > 8
+
+
+# ---------------------------------------------------------------------------------------------- priors
+
+def input_gradients(prior, p, size=8, hidden=8):
+    """|d logits at raster position p / d input| summed per input position: (size*size,)."""
+    x = torch.randn(1, hidden, size, size, dtype=torch.float64, requires_grad=True)
+    logits = prior.from_embedding(x)  # (1, K, H, W)
+    logits[0, :, p // size, p % size].sum().backward()
+    return x.grad.abs().sum(1).flatten()  # (1, E, H, W) -> (H*W,)
+
+
+@pytest.mark.parametrize('arch', ['pixelcnn', 'gated'])
+def test_prior_is_causal(arch):
+    torch.manual_seed(0)
+    prior = pixelcnn_prior.ARCHS[arch](num_codes=10, hidden=8, layers=12).double()
+    blind = 0
+    for p in range(64):
+        g = input_gradients(prior, p)
+        assert torch.count_nonzero(g[p:]) == 0, f'position {p} sees itself or a later position'
+        blind += int((g[:p] == 0).sum())
+    if arch == 'gated':
+        assert blind == 0  # every earlier position reaches every output: no blind spot
+    else:
+        assert blind > 0  # the plain PixelCNN misses some earlier positions: its blind spot
+        g = input_gradients(prior, 56)  # first position of the last row
+        assert g[6 * 8 + 7] == 0 and g[6 * 8] > 0  # blind to the row above's far right, not its left
+
+
+def test_vqvae_then_priors_end_to_end(image_dir, tmp_path):
+    vq_out = str(tmp_path / 'vq')
+    vqvae.main(['--dataset', 'cifar10', '--data-dir', image_dir, '--epochs', '2', '--batch-size', '16',
+                '--num-codes', '16', '--code-dim', '32', '--out', vq_out, '--restart-dead-codes'])
+    for name in ('reconstructions.png', 'code_usage.png', 'curves.png', 'metrics.json', 'model.pt'):
+        assert os.path.getsize(os.path.join(vq_out, name)) > 0, name
+    m = read_metrics(vq_out)
+    assert set(m['final_test']) >= {'loss', 'recon_mse', 'codebook', 'commitment', 'perplexity', 'codes_used'}
+    assert 1 <= m['final_test']['perplexity'] <= 16 and 1 <= m['final_test']['codes_used'] <= 16
+    assert m['test_history']['recon_mse'][-1] < m['test_history']['recon_mse'][0]
+    for arch in ('pixelcnn', 'gated'):
+        out = str(tmp_path / arch)
+        pixelcnn_prior.main(['--dataset', 'cifar10', '--data-dir', image_dir, '--vqvae',
+                             os.path.join(vq_out, 'model.pt'), '--arch', arch, '--epochs', '2', '--batch-size', '16',
+                             '--hidden', '16', '--layers', '8', '--out', out])
+        for name in ('samples.png', 'temperatures.png', 'curves.png', 'metrics.json', 'model.pt'):
+            assert os.path.getsize(os.path.join(out, name)) > 0, name
+        f = read_metrics(out)['final_test']
+        assert 0 < f['nll'] < math.log(16) + 0.5 and f['bits_per_code'] == pytest.approx(f['nll'] / math.log(2))
+        assert f['bits_per_dim'] > 0 and read_metrics(out)['sample_seconds_100'] > 0
+
+
+def test_prior_without_vqvae_says_what_to_run(image_dir, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        pixelcnn_prior.main(['--dataset', 'cifar10', '--data-dir', image_dir, '--vqvae', str(tmp_path / 'no.pt'),
+                             '--out', str(tmp_path / 'prior')])
+    assert 'python vqvae.py --dataset cifar10' in str(e.value.code)

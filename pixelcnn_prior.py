@@ -1,0 +1,303 @@
+"""An autoregressive prior over a VQ-VAE's codes: PixelCNN and Gated PixelCNN (van den Oord et al., 2016).
+
+The VQ-VAE of vqvae.py turns each 32x32 image into an 8x8 grid of code indices in {0..K-1}. Its decoder
+maps any grid back to an image, so a model of p(grid) is a generator of images. The prior factorises
+the grid in raster order (row by row, left to right),
+    p(c) = prod_i p(c_i | c_1 .. c_{i-1}),
+and a convolutional network computes all 64 conditionals in one pass, provided position i's output never
+sees positions i, i+1, ...: its convolutions are masked.
+
+    --arch pixelcnn   the course's network: embedding of the K codes into 64 channels, one 7x7 type-A
+                      masked convolution (excludes the centre), residual blocks of 3x3 type-B masked
+                      convolutions (include the centre), then 1x1 convolutions of 512 and K channels.
+                      Stacked masks of this kind leave a blind spot: positions above and to the right
+                      that never reach the output, however deep the network.
+    --arch gated      Gated PixelCNN: a vertical stack sees the rows above (any column within reach), a
+                      horizontal stack sees the current row to the left, and the vertical stack feeds the
+                      horizontal one; no blind spot. Each layer is gated: tanh(a) * sigmoid(b).
+
+Loss: cross-entropy, -log p(c_i | c_<i), reported as `nll` in nats per code (mean over the 64 positions
+and the batch) and `bits_per_code`.
+
+With the VQ-VAE this also bounds the image likelihood: for the deterministic code z_q(x),
+    -log p(x) <= -log p(x | z_q) - log p(z_q)
+where p(x | z_q) = N(x_hat(z_q), s^2 I) is the same fixed-variance Gaussian decoder as in vae_image.py
+(s = --decoder-std) and p(z_q) is this prior. It is reported as `bits_per_dim` on the 0-255 scale.
+
+Sampling draws 100 grids position by position (64 network passes), at temperature T (logits / T), and
+decodes them with the VQ-VAE.
+
+Run (after vqvae.py for the same dataset):
+    python pixelcnn_prior.py --dataset svhn                   # gated, 15 epochs
+    python pixelcnn_prior.py --dataset cifar10 --data-dir ../shared/data --arch pixelcnn
+Writes into results/pixelcnn_prior/<dataset>/<arch>/: samples.png, temperatures.png, curves.png,
+metrics.json, model.pt.
+"""
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import vqvae
+
+
+def parse_args(argv=None):
+    p = common.make_parser(
+        __doc__, 'pixelcnn_prior', datasets=list(common.IMAGE_CHANNELS), dataset='svhn', epochs=15,
+        batch_size=128, lr=1e-3,
+        why={'epochs': "15: the course's budget for the prior.", 'batch_size': "128 grids, the course's batch.",
+             'lr': "1e-3, the course's rate for Adam."})
+    p.add_argument('--vqvae', default=None,
+                   help='the VQ-VAE checkpoint (default: results/vqvae/<dataset>/model.pt, what vqvae.py writes)')
+    p.add_argument('--arch', choices=['gated', 'pixelcnn'], default='gated',
+                   help='gated (default: lower test NLL in our runs, see README) or the plain pixelcnn')
+    p.add_argument('--hidden', type=common.positive(int), default=64,
+                   help="channels of the embedding and of every masked layer; 64 as in the course")
+    p.add_argument('--layers', type=common.positive(int), default=12,
+                   help='residual / gated layers; 12 lets the gated stacks reach the whole 8x8 grid')
+    p.add_argument('--temperature', type=common.positive(float), default=1.0,
+                   help='sampling temperature for samples.png: 1 samples the model itself, < 1 is more conservative')
+    p.add_argument('--decoder-std', type=common.positive(float), default=1.0,
+                   help="std of the Gaussian decoder in the bits-per-dim bound; 1 matches vae_image.py's default")
+    args = p.parse_args(argv)
+    if args.out is None:  # one folder per architecture, so the two runs can be compared
+        args.out = os.path.join('results', 'pixelcnn_prior', args.dataset, args.arch)
+    args.vqvae = args.vqvae or os.path.join('results', 'vqvae', args.dataset, 'model.pt')
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- masks
+
+class MaskedConv2d(nn.Conv2d):
+    """A convolution whose kernel is multiplied by a fixed 0/1 mask on every call."""
+    def __init__(self, c_in, c_out, mask):
+        kh, kw = mask.shape
+        super().__init__(c_in, c_out, (kh, kw), padding=(kh // 2, kw // 2))  # output keeps the input's size
+        self.register_buffer('mask', mask.float()[None, None])  # (kh, kw) -> (1, 1, kh, kw)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.padding)
+
+
+def raster_mask(k, include_centre):
+    """Rows above the centre, and the centre row left of it (type A) or up to it (type B)."""
+    mask = torch.zeros(k, k)
+    mask[:k // 2] = 1
+    mask[k // 2, :k // 2 + include_centre] = 1
+    return mask
+
+
+def vertical_mask(k, include_centre_row):
+    """All columns of the rows above; the centre row too once the input already excludes it."""
+    mask = torch.zeros(k, k)
+    mask[:k // 2 + include_centre_row] = 1
+    return mask
+
+
+def horizontal_mask(k, include_centre):
+    """A 1 x k kernel on the centre row: left of the centre (first layer) or up to it (later layers)."""
+    mask = torch.zeros(1, k)
+    mask[0, :k // 2 + include_centre] = 1
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+class PixelCNN(nn.Module):
+    def __init__(self, num_codes, hidden, layers):
+        super().__init__()
+        self.embedding = nn.Embedding(num_codes, hidden)
+        self.first = MaskedConv2d(hidden, hidden, raster_mask(7, include_centre=False))  # type A
+        self.blocks = nn.ModuleList(nn.Sequential(
+            nn.ReLU(), MaskedConv2d(hidden, hidden, raster_mask(3, include_centre=True)),  # type B
+            nn.ReLU(), nn.Conv2d(hidden, hidden, 1)) for _ in range(layers))
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(hidden, 512, 1), nn.ReLU(), nn.Conv2d(512, num_codes, 1))
+
+    def forward(self, codes):
+        return self.from_embedding(self.embedding(codes).permute(0, 3, 1, 2))  # (B, H, W, E) -> (B, E, H, W)
+
+    def from_embedding(self, h):
+        """(B, E, H, W) -> logits (B, K, H, W); split out so tests can take gradients w.r.t. the input."""
+        h = self.first(h)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h)
+
+
+class GatedLayer(nn.Module):
+    """One layer of both stacks (van den Oord et al., 2016, fig. 2), 3x3 kernels."""
+    def __init__(self, hidden, first):
+        super().__init__()
+        self.first = first
+        self.v_conv = MaskedConv2d(hidden, 2 * hidden, vertical_mask(3, include_centre_row=not first))
+        self.h_conv = MaskedConv2d(hidden, 2 * hidden, horizontal_mask(3, include_centre=not first))
+        self.v_to_h = nn.Conv2d(2 * hidden, 2 * hidden, 1)  # vertical stack at (i, j) has seen rows < i only
+        self.h_out = nn.Conv2d(hidden, hidden, 1)
+
+    @staticmethod
+    def gate(x):
+        a, b = x.chunk(2, dim=1)  # (B, 2E, H, W) -> 2 x (B, E, H, W)
+        return torch.tanh(a) * torch.sigmoid(b)
+
+    def forward(self, v, h):
+        v_pre = self.v_conv(v)
+        h_new = self.h_out(self.gate(self.h_conv(h) + self.v_to_h(v_pre)))
+        # No residual in the first layer: h there is the input at (i, j) itself, which must stay unseen.
+        return self.gate(v_pre), (h_new if self.first else h + h_new)
+
+
+class GatedPixelCNN(nn.Module):
+    def __init__(self, num_codes, hidden, layers):
+        super().__init__()
+        self.embedding = nn.Embedding(num_codes, hidden)
+        self.layers = nn.ModuleList(GatedLayer(hidden, first=(i == 0)) for i in range(layers))
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(hidden, 512, 1), nn.ReLU(), nn.Conv2d(512, num_codes, 1))
+
+    def forward(self, codes):
+        return self.from_embedding(self.embedding(codes).permute(0, 3, 1, 2))  # (B, H, W, E) -> (B, E, H, W)
+
+    def from_embedding(self, x):
+        v = h = x
+        for layer in self.layers:
+            v, h = layer(v, h)
+        return self.head(h)
+
+
+ARCHS = {'pixelcnn': PixelCNN, 'gated': GatedPixelCNN}
+
+
+# ---------------------------------------------------------------------------------------------- the VQ-VAE's side
+
+def load_vqvae(args, device):
+    """Rebuild the VQ-VAE from its checkpoint alone, or stop with one line saying what to run first."""
+    if not os.path.exists(args.vqvae):
+        common.fail(f'no VQ-VAE checkpoint at {args.vqvae}; run first: python vqvae.py --dataset {args.dataset}'
+                    f' --data-dir {args.data_dir}')
+    try:
+        ckpt = torch.load(args.vqvae, map_location=device, weights_only=True)
+        cfg = ckpt['config']
+    except Exception as e:
+        common.fail(f'{args.vqvae} is not a readable checkpoint ({type(e).__name__})')
+    if ckpt.get('script') != 'vqvae':
+        common.fail(f'{args.vqvae} was written by {ckpt.get("script")}.py, not vqvae.py')
+    if cfg['dataset'] != args.dataset:
+        common.fail(f'{args.vqvae} is a VQ-VAE of {cfg["dataset"]}, not {args.dataset}')
+    model = vqvae.VQVAE(ckpt['channels'], cfg['num_codes'], cfg['code_dim']).to(device)
+    model.load_state_dict(ckpt['model'])
+    return model.eval(), cfg
+
+
+@torch.no_grad()
+def encode(model, x, decoder_std, batch_size=256):
+    """Images -> code grids (N, 8, 8), and -log p(x | z_q) per image under N(x_hat, s^2 I): (N,)."""
+    codes, recon = [], []
+    for batch in x.split(batch_size):
+        x_hat, _, _, c = model(batch)
+        sq_err = ((batch - x_hat) ** 2).flatten(1)  # (B, C, H, W) -> (B, D)
+        recon.append(0.5 * (math.log(2 * math.pi * decoder_std ** 2) + sq_err / decoder_std ** 2).sum(1))
+        codes.append(c)
+    return torch.cat(codes), torch.cat(recon)
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+def nll_per_grid(prior, codes):
+    """-log p(c) = sum_i -log p(c_i | c_<i), per grid: (B,)."""
+    logits = prior(codes)  # (B, K, H, W)
+    return F.cross_entropy(logits, codes, reduction='none').flatten(1).sum(1)  # (B, H, W) -> (B,)
+
+
+def loss_terms(prior, codes):
+    nll = nll_per_grid(prior, codes) / codes[0].numel()  # nats per code
+    return {'nll': nll.mean(), 'bits_per_code': nll.mean() / math.log(2)}
+
+
+def train_epoch(prior, optimizer, codes, batch_size, run):
+    prior.train()
+    logs = []
+    for idx in run.batches(len(codes), batch_size, shuffle=True):
+        terms = loss_terms(prior, codes[idx])
+        optimizer.zero_grad(set_to_none=True)
+        terms['nll'].backward()
+        optimizer.step()
+        logs.append(torch.stack([t.detach() for t in terms.values()]))  # stays on the device: no sync
+    return dict(zip(terms, torch.stack(logs).T))  # {term: (n_batches,)}
+
+
+@torch.no_grad()
+def evaluate(prior, codes, batch_size, run):
+    prior.eval()
+    total = sum(nll_per_grid(prior, codes[idx]).sum() for idx in run.batches(len(codes), batch_size, False))
+    nll = float(total) / codes.numel()
+    return {'nll': nll, 'bits_per_code': nll / math.log(2)}
+
+
+@torch.no_grad()
+def sample(prior, n, shape, temperature, device):
+    """Draw n grids in raster order: one network pass per position."""
+    prior.eval()
+    codes = torch.zeros(n, *shape, dtype=torch.long, device=device)
+    for i in range(shape[0]):
+        for j in range(shape[1]):
+            logits = prior(codes)[:, :, i, j] / temperature  # (n, K): only c_<(i,j) has influenced it
+            codes[:, i, j] = torch.multinomial(F.softmax(logits, dim=1), 1).squeeze(1)
+    return codes
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = common.Run(args, 'pixelcnn_prior', model_keys=('arch', 'hidden', 'layers'))
+    vq, vq_cfg = load_vqvae(args, run.device)
+    train_x, test_x = common.take_subset(*common.load_images(args.dataset, args.data_dir), args.subset)
+    train_codes, _ = encode(vq, train_x.to(run.device), args.decoder_std)
+    test_codes, test_recon = encode(vq, test_x.to(run.device), args.decoder_std)
+    del train_x
+    prior = ARCHS[args.arch](vq_cfg['num_codes'], args.hidden, args.layers).to(run.device)
+    optimizer = torch.optim.Adam(prior.parameters(), lr=args.lr)
+    if args.resume or args.sample_only:
+        ckpt = run.restore(prior, optimizer)
+        if ckpt.get('num_codes') != vq_cfg['num_codes']:
+            common.fail(f'{run.ckpt_path} is a prior over {ckpt.get("num_codes")} codes; {args.vqvae} has '
+                        f'{vq_cfg["num_codes"]}')
+
+    with run.interruptible():
+        for _ in run.epochs():
+            start = time.time()
+            train_logs = train_epoch(prior, optimizer, train_codes, args.batch_size, run)
+            seconds = time.time() - start
+            run.end_epoch(train_logs, evaluate(prior, test_codes, args.batch_size, run), seconds,
+                          len(train_codes), prior, optimizer, num_codes=vq_cfg['num_codes'])
+
+    final = evaluate(prior, test_codes, args.batch_size, run)
+    # -log p(x) <= -log p(x|z_q) - log p(z_q), averaged over test images, then in bits per dimension.
+    dims = test_x[0].numel()
+    prior_nll = final['nll'] * test_codes[0].numel()
+    final['recon_nll'] = float(test_recon.mean())
+    final['neg_log_px_bound'] = final['recon_nll'] + prior_nll
+    final['bits_per_dim'] = (final['neg_log_px_bound'] + dims * math.log(127.5)) / (dims * math.log(2))
+
+    title = f'{args.arch} prior on {args.dataset}'
+    start = time.time()
+    codes = sample(prior, 100, test_codes.shape[1:], args.temperature, run.device)
+    with torch.no_grad():
+        images = vq.decoder(vq.lookup(codes))
+    if run.device.type == 'cuda':
+        torch.cuda.synchronize()
+    sample_seconds = time.time() - start
+    common.image_grid(f'{args.out}/samples.png', images, 10, f'{title}: 100 samples at T = {args.temperature}')
+    rows = []
+    for t in (0.5, 0.8, 1.0, 1.2):
+        with torch.no_grad():
+            rows.append(vq.decoder(vq.lookup(sample(prior, 10, test_codes.shape[1:], t, run.device))))
+    common.image_grid(f'{args.out}/temperatures.png', torch.cat(rows), 10,
+                      f'{title}: rows at temperature 0.5, 0.8, 1.0, 1.2')
+    print(f'sampling 100 grids took {sample_seconds:.2f}s on {run.device.type}')
+    return run.finish(final, sample_seconds_100=round(sample_seconds, 3), sample_device=run.device.type)
+
+
+if __name__ == '__main__':
+    main()
