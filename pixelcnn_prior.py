@@ -219,19 +219,23 @@ def loss_terms(prior, codes):
 def train_epoch(prior, optimizer, codes, batch_size, run):
     prior.train()
     logs = []
-    for idx in run.batches(len(codes), batch_size, shuffle=True):
-        terms = loss_terms(prior, codes[idx])
+    for batch in run.batches(codes, batch_size, shuffle=True):
+        with run.autocast():
+            terms = loss_terms(prior, batch)
         optimizer.zero_grad(set_to_none=True)
         terms['nll'].backward()
         optimizer.step()
-        logs.append(torch.stack([t.detach() for t in terms.values()]))  # stays on the device: no sync
+        logs.append(torch.stack([t.detach().float() for t in terms.values()]))  # stays on the device: no sync
     return dict(zip(terms, torch.stack(logs).T))  # {term: (n_batches,)}
 
 
 @torch.no_grad()
 def evaluate(prior, codes, batch_size, run):
     prior.eval()
-    total = sum(nll_per_grid(prior, codes[idx]).sum() for idx in run.batches(len(codes), batch_size, False))
+    total = 0.0
+    for batch in run.batches(codes, batch_size, shuffle=False):
+        with run.autocast():
+            total += nll_per_grid(prior, batch).float().sum()
     nll = float(total) / codes.numel()
     return {'nll': nll, 'bits_per_code': nll / math.log(2)}
 

@@ -41,7 +41,8 @@ def parse_args(argv=None):
         __doc__, 'vae_2d', datasets=list(common.GAUSSIANS_2D), dataset='gaussian1', epochs=20, batch_size=128,
         lr=1e-3, why={'epochs': '20 passes reach within 0.05 nats of the entropy floor on gaussian1.',
                       'batch_size': '128: small enough for many steps per epoch on 10,000 points.',
-                      'lr': "1e-3 is Adam's usual step; larger makes the learned decoder variance unstable."})
+                      'lr': "1e-3 is Adam's usual step; larger makes the learned decoder variance unstable."},
+        amp=False)
     p.add_argument('--hidden', type=common.positive(int), default=128,
                    help='width of the two hidden layers of encoder and decoder; 128 is ample for 2D data')
     p.add_argument('--iw-samples', type=common.positive(int), default=100,
@@ -92,12 +93,12 @@ def loss_terms(model, x):
 def train_epoch(model, optimizer, x, batch_size, run):
     model.train()
     logs = []
-    for idx in run.batches(len(x), batch_size, shuffle=True):
-        terms = loss_terms(model, x[idx])
+    for batch in run.batches(x, batch_size, shuffle=True):
+        terms = loss_terms(model, batch)
         optimizer.zero_grad(set_to_none=True)
         terms['neg_elbo'].backward()
         optimizer.step()
-        logs.append(torch.stack([t.detach() for t in terms.values()]))  # stays on the device: no sync
+        logs.append(torch.stack([t.detach().float() for t in terms.values()]))  # stays on the device: no sync
     return dict(zip(terms, torch.stack(logs).T))  # {term: (n_batches,)}
 
 
@@ -105,9 +106,9 @@ def train_epoch(model, optimizer, x, batch_size, run):
 def evaluate(model, x, batch_size, run):
     model.eval()
     totals = {}
-    for idx in run.batches(len(x), batch_size, shuffle=False):
-        for k, v in loss_terms(model, x[idx]).items():
-            totals[k] = totals.get(k, 0.0) + v * len(idx)
+    for batch in run.batches(x, batch_size, shuffle=False):
+        for k, v in loss_terms(model, batch).items():
+            totals[k] = totals.get(k, 0.0) + v * len(batch)
     return {k: float(v) / len(x) for k, v in totals.items()}
 
 

@@ -73,7 +73,7 @@ class Encoder(nn.Module):
             nn.Flatten(), nn.Linear(4 * 4 * 256, 2 * z_dim))  # (B, 4096) -> (B, 2 z_dim)
 
     def forward(self, x):
-        mu, logvar = self.net(x).chunk(2, dim=1)  # (B, 2 z_dim) -> 2 x (B, z_dim)
+        mu, logvar = self.net(x).float().chunk(2, dim=1)  # (B, 2 z_dim) -> 2 x (B, z_dim); fp32 under --amp
         return mu, logvar
 
 
@@ -150,12 +150,13 @@ def with_course_metrics(terms, dims):
 def train_epoch(model, optimizer, x, batch_size, run, loss_fn=loss_terms):
     model.train()
     logs = []
-    for idx in run.batches(len(x), batch_size, shuffle=True):
-        terms = loss_fn(model, x[idx])
+    for batch in run.batches(x, batch_size, shuffle=True):
+        with run.autocast():
+            terms = loss_fn(model, batch)
         optimizer.zero_grad(set_to_none=True)
         terms['neg_elbo'].backward()
         optimizer.step()
-        logs.append(torch.stack([t.detach() for t in terms.values()]))  # stays on the device: no sync
+        logs.append(torch.stack([t.detach().float() for t in terms.values()]))  # stays on the device: no sync
     return dict(zip(terms, torch.stack(logs).T))  # {term: (n_batches,)}
 
 
@@ -163,9 +164,11 @@ def train_epoch(model, optimizer, x, batch_size, run, loss_fn=loss_terms):
 def evaluate(model, x, batch_size, run, loss_fn=loss_terms):
     model.eval()
     totals = {}
-    for idx in run.batches(len(x), batch_size, shuffle=False):
-        for k, v in loss_fn(model, x[idx]).items():
-            totals[k] = totals.get(k, 0.0) + v * len(idx)
+    for batch in run.batches(x, batch_size, shuffle=False):
+        with run.autocast():
+            terms = loss_fn(model, batch)
+        for k, v in terms.items():
+            totals[k] = totals.get(k, 0.0) + v.float() * len(batch)
     return with_course_metrics({k: float(v) / len(x) for k, v in totals.items()}, x[0].numel())
 
 

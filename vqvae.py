@@ -84,9 +84,10 @@ class VQVAE(nn.Module):
         """(B, D, H, W) -> code indices (B, H, W), by one matrix product:
         ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2."""
         b, d, h, w = z_e.shape
-        flat = z_e.permute(0, 2, 3, 1).reshape(-1, d)  # (B, D, H, W) -> (B*H*W, D)
+        flat = z_e.float().permute(0, 2, 3, 1).reshape(-1, d)  # (B, D, H, W) -> (B*H*W, D), fp32 even with --amp
         e = self.codebook.weight  # (K, D)
-        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.T + e.pow(2).sum(1)  # (B*H*W, K)
+        with torch.autocast(z_e.device.type, enabled=False):  # bf16 rounding would pick wrong codes
+            dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.T + e.pow(2).sum(1)  # (B*H*W, K)
         return dist.argmin(1).view(b, h, w)
 
     def lookup(self, codes):
@@ -126,12 +127,13 @@ def usage_stats(counts):
 def train_epoch(model, optimizer, x, args, run):
     model.train()
     logs, counts = [], torch.zeros(args.num_codes, dtype=torch.long, device=x.device)
-    for idx in run.batches(len(x), args.batch_size, shuffle=True):
-        terms, codes, z_e = loss_terms(model, x[idx], args.beta)
+    for batch in run.batches(x, args.batch_size, shuffle=True):
+        with run.autocast():
+            terms, codes, z_e = loss_terms(model, batch, args.beta)
         optimizer.zero_grad(set_to_none=True)
         terms['loss'].backward()
         optimizer.step()
-        logs.append(torch.stack([t.detach() for t in terms.values()]))  # stays on the device: no sync
+        logs.append(torch.stack([t.detach().float() for t in terms.values()]))  # stays on the device: no sync
         counts += torch.bincount(codes.flatten(), minlength=args.num_codes)
     if args.restart_dead_codes:
         restart_dead_codes(model, counts, z_e.detach())
@@ -154,10 +156,11 @@ def evaluate(model, x, args, run):
     """Mean test terms (weighted by batch size), plus perplexity and codes used over the whole set."""
     model.eval()
     totals, counts = {}, torch.zeros(args.num_codes, dtype=torch.long, device=x.device)
-    for idx in run.batches(len(x), args.batch_size, shuffle=False):
-        terms, codes, _ = loss_terms(model, x[idx], args.beta)
+    for batch in run.batches(x, args.batch_size, shuffle=False):
+        with run.autocast():
+            terms, codes, _ = loss_terms(model, batch, args.beta)
         for k, v in terms.items():
-            totals[k] = totals.get(k, 0.0) + v * len(idx)
+            totals[k] = totals.get(k, 0.0) + v.float() * len(batch)
         counts += torch.bincount(codes.flatten(), minlength=args.num_codes)
     return {**{k: float(v) / len(x) for k, v in totals.items()}, **usage_stats(counts)}, counts
 
