@@ -228,9 +228,11 @@ class Run:
     def restore(self, model, optimizer):
         """--resume / --sample-only: load model.pt from --out into model (and optimizer) and our counters."""
         ckpt = self.load(what='--sample-only' if self.args.sample_only else '--resume')
-        model.load_state_dict(ckpt['model'])
-        if optimizer is not None and 'optimizer' in ckpt:
+        try:
+            model.load_state_dict(ckpt['model'])
             optimizer.load_state_dict(ckpt['optimizer'])
+        except (RuntimeError, ValueError, KeyError) as e:
+            fail(f'{self.ckpt_path} does not fit this model ({str(e).splitlines()[0]})')
         self.history, self.epoch = ckpt['history'], ckpt['epoch']
         self.train_seconds, self.train_examples = ckpt['train_seconds'], ckpt['train_examples']
         torch.set_rng_state(ckpt['rng'].cpu())  # the same random stream as a run never interrupted
@@ -257,8 +259,11 @@ class Run:
         try:
             yield
         except KeyboardInterrupt:
+            command = ' '.join(['python'] + sys.argv + ([] if '--resume' in sys.argv else ['--resume']))
+            if not sys.argv[0].endswith(f'{self.script}.py'):  # called as main([...]), e.g. from a test
+                command = 'the same command with --resume'
             print(f'\ninterrupted in epoch {self.epoch + 1}; {self.ckpt_path} holds epoch {self.epoch}. '
-                  f'Continue with: python {" ".join(sys.argv)} --resume' if self.epoch else
+                  f'Continue with: {command}' if self.epoch else
                   '\ninterrupted in the first epoch; nothing to resume', file=sys.stderr)
             raise SystemExit(130)
 

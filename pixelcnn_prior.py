@@ -254,19 +254,17 @@ def sample(prior, n, shape, temperature, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    run = common.Run(args, 'pixelcnn_prior', model_keys=('arch', 'hidden', 'layers'))
+    run = common.Run(args, 'pixelcnn_prior', model_keys=('arch', 'hidden', 'layers', 'num_codes'))
     vq, vq_cfg = load_vqvae(args, run.device)
+    args.num_codes = vq_cfg['num_codes']  # saved in the config, so --resume refuses a prior over other codes
     train_x, test_x = common.take_subset(*common.load_images(args.dataset, args.data_dir), args.subset)
     train_codes, _ = encode(vq, train_x.to(run.device), args.decoder_std)
     test_codes, test_recon = encode(vq, test_x.to(run.device), args.decoder_std)
     del train_x
-    prior = ARCHS[args.arch](vq_cfg['num_codes'], args.hidden, args.layers).to(run.device)
+    prior = ARCHS[args.arch](args.num_codes, args.hidden, args.layers).to(run.device)
     optimizer = torch.optim.Adam(prior.parameters(), lr=args.lr)
     if args.resume or args.sample_only:
-        ckpt = run.restore(prior, optimizer)
-        if ckpt.get('num_codes') != vq_cfg['num_codes']:
-            common.fail(f'{run.ckpt_path} is a prior over {ckpt.get("num_codes")} codes; {args.vqvae} has '
-                        f'{vq_cfg["num_codes"]}')
+        run.restore(prior, optimizer)
 
     with run.interruptible():
         for _ in run.epochs():
@@ -274,7 +272,7 @@ def main(argv=None):
             train_logs = train_epoch(prior, optimizer, train_codes, args.batch_size, run)
             seconds = time.time() - start
             run.end_epoch(train_logs, evaluate(prior, test_codes, args.batch_size, run), seconds,
-                          len(train_codes), prior, optimizer, num_codes=vq_cfg['num_codes'])
+                          len(train_codes), prior, optimizer)
 
     final = evaluate(prior, test_codes, args.batch_size, run)
     # -log p(x) <= -log p(x|z_q) - log p(z_q), averaged over test images, then in bits per dimension.

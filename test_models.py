@@ -291,3 +291,154 @@ def test_prior_without_vqvae_says_what_to_run(image_dir, tmp_path):
         pixelcnn_prior.main(['--dataset', 'cifar10', '--data-dir', image_dir, '--vqvae', str(tmp_path / 'no.pt'),
                              '--out', str(tmp_path / 'prior')])
     assert 'python vqvae.py --dataset cifar10' in str(e.value.code)
+
+
+# ---------------------------------------------------------------------------------------------- runs a user can trust
+
+def test_same_seed_gives_same_metrics(tmp_path):
+    a, b = (vae_2d.main(['--epochs', '2', '--subset', '1000', '--out', str(tmp_path / n), '--iw-samples', '5'])
+            for n in 'ab')
+    assert a['final_test'] == b['final_test'] and a['test_history'] == b['test_history']
+    c = vae_2d.main(['--epochs', '2', '--subset', '1000', '--out', str(tmp_path / 'c'), '--iw-samples', '5',
+                     '--seed', '1'])
+    assert c['final_test'] != a['final_test']
+
+
+def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    args = ['--epochs', '3', '--subset', '1000', '--iw-samples', '5']
+    whole = vae_2d.main(args + ['--out', str(tmp_path / 'whole')])
+
+    out = str(tmp_path / 'cut')
+    real, calls = vae_2d.loss_terms, {'n': 0}
+
+    def ctrl_c_in_epoch_2(model, x):  # 8 train batches of 1000 examples, 2 test batches of 200
+        calls['n'] += 1
+        if calls['n'] == 12:
+            raise KeyboardInterrupt
+        return real(model, x)
+
+    monkeypatch.setattr(vae_2d, 'loss_terms', ctrl_c_in_epoch_2)
+    with pytest.raises(SystemExit) as e:
+        vae_2d.main(args + ['--out', out])
+    assert e.value.code == 130 and '--resume' in capsys.readouterr().err
+    assert torch.load(os.path.join(out, 'model.pt'), weights_only=True)['epoch'] == 1
+    monkeypatch.setattr(vae_2d, 'loss_terms', real)
+    resumed = vae_2d.main(args + ['--out', out, '--resume'])
+    assert resumed['final_test'] == whole['final_test'] and resumed['test_history'] == whole['test_history']
+
+    os.remove(os.path.join(out, 'samples.png'))  # --sample-only redraws from model.pt, no training
+    again = vae_2d.main(args + ['--out', out, '--sample-only'])
+    assert os.path.exists(os.path.join(out, 'samples.png')) and again['epochs_trained'] == 3
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    out = str(tmp_path / 'run')
+    real, calls = vae_2d.loss_terms, {'n': 0}
+
+    def nan_in_epoch_2(model, x):
+        calls['n'] += 1
+        terms = real(model, x)
+        if calls['n'] == 12:  # 8 train + 2 test batches in epoch 1, so: epoch 2, batch 2
+            terms['neg_elbo'] = terms['neg_elbo'] * float('nan')
+        return terms
+
+    monkeypatch.setattr(vae_2d, 'loss_terms', nan_in_epoch_2)
+    with pytest.raises(SystemExit) as e:
+        vae_2d.main(['--epochs', '3', '--subset', '1000', '--out', out])
+    assert 'epoch 2, batch 2' in str(e.value.code)
+    ckpt = torch.load(os.path.join(out, 'model.pt'), weights_only=True)
+    assert ckpt['epoch'] == 1 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
+
+
+def refused(main, argv, *words):
+    """main(argv) must stop with one line containing all words (argparse's errors exit 2, ours 1)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    message = str(e.value.code)
+    assert e.value.code not in (0, None) and '\n' not in message and all(w in message for w in words), message
+    return message
+
+
+@pytest.mark.parametrize('bad', [['--epochs', '0'], ['--batch-size', '-1'], ['--lr', '0'], ['--dataset', 'nope'],
+                                 ['--subset', '0']])
+def test_bad_options_exit_2(bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        vae_2d.main(bad)
+    assert e.value.code == 2 and 'error:' in capsys.readouterr().err
+
+
+def test_bad_data_is_refused_and_nothing_is_overwritten(tmp_path):
+    d = tmp_path / 'data'
+    d.mkdir()
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'metrics.json').write_text('{"keep": 1}')
+    run = ['--dataset', 'cifar10', '--data-dir', str(d), '--out', str(out), '--epochs', '1']
+    good = np.zeros((4, 32, 32, 3), np.uint8)
+
+    (d / 'cifar10.pkl').write_bytes(pickle.dumps({'train': good, 'test': good})[:-100])  # truncated
+    refused(vae_image.main, run, 'cifar10.pkl', 'not a readable')
+    (d / 'cifar10.pkl').write_bytes(b'not a pickle at all')
+    refused(vae_image.main, run, 'not a readable')
+    write_pkl(d / 'cifar10.pkl', good, None)
+    refused(vqvae.main, run, "'test' must be a uint8 numpy array")
+    with open(d / 'cifar10.pkl', 'wb') as f:
+        pickle.dump({'training': good}, f)
+    refused(vqvae.main, run, "keys 'train' and 'test'")
+    write_pkl(d / 'cifar10.pkl', np.zeros((4, 28, 28, 3), np.uint8), good)
+    refused(vae_image.main, run, 'shape (4, 28, 28, 3)')
+    write_pkl(d / 'cifar10.pkl', good.astype(np.float32), good)
+    refused(vlae.main, run, 'uint8')
+    write_pkl(d / 'cifar10.pkl', good, good)
+    refused(vae_image.main, run + ['--subset', '5'], '--subset 5', '4 training examples')
+    assert (out / 'metrics.json').read_text() == '{"keep": 1}' and not (out / 'model.pt').exists()
+
+
+def test_missing_data_without_network(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise OSError('network is unreachable')
+
+    monkeypatch.setattr(torchvision.datasets, 'SVHN', offline)
+    message = refused(vae_image.main, ['--dataset', 'svhn', '--data-dir', str(tmp_path), '--out', str(tmp_path / 'o')],
+                      'svhn.pkl', 'network is unreachable')
+    assert str(tmp_path) in message
+
+
+def test_unwritable_out_is_refused(tmp_path):
+    (tmp_path / 'file').write_text('x')
+    refused(vae_2d.main, ['--out', str(tmp_path / 'file' / 'sub')], 'cannot write to --out')
+
+
+def test_wrong_checkpoints_are_refused(image_dir, tmp_path):
+    vq = str(tmp_path / 'vq')
+    vqvae.main(['--dataset', 'cifar10', '--data-dir', image_dir, '--epochs', '1', '--batch-size', '32',
+                '--num-codes', '8', '--code-dim', '16', '--out', vq])
+    vq_ckpt = os.path.join(vq, 'model.pt')
+    before = open(vq_ckpt, 'rb').read()
+    common_args = ['--data-dir', image_dir, '--epochs', '1']
+    # --resume: another codebook size, another script, another dataset
+    refused(vqvae.main, ['--dataset', 'cifar10', '--num-codes', '16', '--code-dim', '16', '--out', vq, '--resume']
+            + common_args, 'num_codes=8', '16')
+    refused(vae_image.main, ['--dataset', 'cifar10', '--out', vq, '--resume'] + common_args, 'vqvae.py', 'vae_image.py')
+    refused(vqvae.main, ['--dataset', 'mnist', '--num-codes', '8', '--code-dim', '16', '--out', vq, '--resume']
+            + common_args, 'dataset=cifar10')
+    # the prior: a VQ-VAE of another dataset, a checkpoint of another model, a prior over another codebook
+    refused(pixelcnn_prior.main, ['--dataset', 'mnist', '--vqvae', vq_ckpt, '--out', str(tmp_path / 'p')]
+            + common_args, 'VQ-VAE of cifar10')
+    vae_2d.main(['--epochs', '1', '--subset', '200', '--out', str(tmp_path / 'v2'), '--iw-samples', '2'])
+    refused(pixelcnn_prior.main, ['--dataset', 'cifar10', '--vqvae', str(tmp_path / 'v2' / 'model.pt'),
+                                  '--out', str(tmp_path / 'p')] + common_args, 'vae_2d.py', 'not vqvae.py')
+    prior_out = str(tmp_path / 'prior')
+    pixelcnn_prior.main(['--dataset', 'cifar10', '--vqvae', vq_ckpt, '--out', prior_out, '--hidden', '8',
+                         '--layers', '2', '--batch-size', '32'] + common_args)
+    vqvae.main(['--dataset', 'cifar10', '--data-dir', image_dir, '--epochs', '1', '--batch-size', '32',
+                '--num-codes', '4', '--code-dim', '16', '--out', str(tmp_path / 'vq4')])
+    refused(pixelcnn_prior.main, ['--dataset', 'cifar10', '--vqvae', str(tmp_path / 'vq4' / 'model.pt'), '--out',
+                                  prior_out, '--hidden', '8', '--layers', '2', '--resume'] + common_args,
+            'num_codes=8', 'asks for 4')
+    (tmp_path / 'junk.pt').write_bytes(b'junk')
+    refused(pixelcnn_prior.main, ['--dataset', 'cifar10', '--vqvae', str(tmp_path / 'junk.pt'),
+                                  '--out', str(tmp_path / 'p')] + common_args, 'not a readable checkpoint')
+    assert open(vq_ckpt, 'rb').read() == before
