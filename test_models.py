@@ -442,3 +442,47 @@ def test_wrong_checkpoints_are_refused(image_dir, tmp_path):
     refused(pixelcnn_prior.main, ['--dataset', 'cifar10', '--vqvae', str(tmp_path / 'junk.pt'),
                                   '--out', str(tmp_path / 'p')] + common_args, 'not a readable checkpoint')
     assert open(vq_ckpt, 'rb').read() == before
+
+
+# ---------------------------------------------------------------------------------------------- beyond the ELBO
+
+def fixed_tiny_vae():
+    torch.manual_seed(0)
+    model = vae_2d.VAE2d(hidden=16)
+    x = common.load_2d('gaussian1')[1][:300]
+    return model, x
+
+
+def test_iw_with_one_sample_is_the_elbo_in_expectation():
+    model, x = fixed_tiny_vae()
+    with torch.no_grad():
+        iw = torch.stack([vae_2d.iw_nll(model, x, 1).mean() for _ in range(400)]).mean()
+        elbo = torch.stack([vae_2d.loss_terms(model, x)['neg_elbo'] for _ in range(400)]).mean()
+    assert iw == pytest.approx(float(elbo), rel=0.01)
+
+
+def test_iw_with_more_samples_is_not_above_the_elbo():
+    model, x = fixed_tiny_vae()
+    with torch.no_grad():
+        elbo = float(torch.stack([vae_2d.loss_terms(model, x)['neg_elbo'] for _ in range(100)]).mean())
+        iw = [float(vae_2d.iw_nll(model, x, k).mean()) for k in (5, 50)]
+    assert iw[1] <= iw[0] + 0.05 and iw[0] <= elbo + 0.05 and iw[1] < elbo
+
+
+def test_iw_moves_towards_the_true_entropy_on_2d_data(tmp_path):
+    m = vae_2d.main(['--epochs', '4', '--subset', '2000', '--out', str(tmp_path), '--iw-samples', '100'])
+    f = m['final_test']
+    true_entropy = math.log(2 * math.pi * math.e) + math.log(5)  # 4.447 nats
+    assert true_entropy - 0.1 < f['nll_iw'] < f['neg_elbo']
+
+
+def test_an_ignored_latent_dimension_is_inactive():
+    model, x = fixed_tiny_vae()
+    with torch.no_grad():
+        last = model.encoder[-1]  # rows 0..1: mu, rows 2..3: log-variance
+        last.weight[0] = 0  # mu_1 no longer depends on x: the encoder ignores that dimension
+        last.weight[1] *= 50  # mu_2 varies a lot over x
+    kl, active = vae_2d.latent_usage(model, x)
+    assert active == 1 and kl.shape == (2,)
+    mu = torch.stack([torch.zeros(300), torch.randn(300)], 1)
+    assert vae_image.active_units(mu) == 1
