@@ -148,7 +148,7 @@ def positive(kind):
     return parse
 
 
-def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, amp=True):
+def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, amp=True, out='<dataset>'):
     """The shared options; `why` gives the reason for this script's defaults, shown in --help."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--dataset', choices=datasets, default=dataset, help=f'data to model (default: {dataset})')
@@ -159,7 +159,7 @@ def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, amp
     p.add_argument('--seed', type=int, default=0, help='random seed; the same seed on the CPU repeats a run exactly')
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps'],
                    help='auto picks cuda, then mps, then cpu')
-    p.add_argument('--out', default=None, help=f'output folder (default: results/{script}/<dataset>)')
+    p.add_argument('--out', default=None, help=f'output folder (default: results/{script}/{out})')
     p.add_argument('--subset', type=positive(int), default=None,
                    help='train on the first N examples and test on the first max(N // 5, 1): quick runs')
     p.add_argument('--resume', action='store_true', help='continue the run saved in --out up to --epochs in total')
@@ -207,9 +207,9 @@ class Run:
         self.start = time.time()
 
     # -- checkpoints ---------------------------------------------------------------------------------
-    def load(self, path=None, what='--resume'):
-        """Read a checkpoint written by this script for the same dataset and model shape, or fail."""
-        path = path or self.ckpt_path
+    def load(self, what='--resume'):
+        """Read --out/model.pt, written by this script for the same dataset and model shape, or fail."""
+        path = self.ckpt_path
         if not os.path.exists(path):
             fail(f'{what}: no checkpoint at {path}; train first with: python {self.script}.py '
                  f'--dataset {self.args.dataset} --out {self.args.out}')
@@ -231,6 +231,8 @@ class Run:
         try:
             model.load_state_dict(ckpt['model'])
             optimizer.load_state_dict(ckpt['optimizer'])
+            for group in optimizer.param_groups:  # a new --lr applies on --resume (e.g. after a NaN)
+                group['lr'] = self.args.lr
         except (RuntimeError, ValueError, KeyError) as e:
             fail(f'{self.ckpt_path} does not fit this model ({str(e).splitlines()[0]})')
         self.history, self.epoch = ckpt['history'], ckpt['epoch']

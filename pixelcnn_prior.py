@@ -50,7 +50,7 @@ def parse_args(argv=None):
         __doc__, 'pixelcnn_prior', datasets=list(common.IMAGE_CHANNELS), dataset='svhn', epochs=15,
         batch_size=128, lr=1e-3,
         why={'epochs': "15: the course's budget for the prior.", 'batch_size': "128 grids, the course's batch.",
-             'lr': "1e-3, the course's rate for Adam."})
+             'lr': "1e-3, the course's rate for Adam."}, out='<dataset>/<arch>')
     p.add_argument('--vqvae', default=None,
                    help='the VQ-VAE checkpoint (default: results/vqvae/<dataset>/model.pt, what vqvae.py writes)')
     p.add_argument('--arch', choices=['gated', 'pixelcnn'], default='gated',
