@@ -349,17 +349,24 @@ def plot_curves(path, history, epochs, title):
     keys = list(history['test'])
     if not keys:
         return
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
-    for ax, key in zip(axes[0], keys):
+    cols = min(len(keys), 4)
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.axis('off')
+    for ax, key in zip(axes.flat, keys):
         train = history['train'].get(key, [])
         if train:
             ax.plot(np.arange(1, len(train) + 1) * epochs / len(train), train, lw=0.5, alpha=0.7, label='train')
         test = history['test'][key]
         ax.plot(np.arange(1, len(test) + 1), test, 'o-', ms=3, label='test')
+        values = np.asarray(train + test, dtype=float)
+        if values.min() > 0 and values.max() > 30 * values.min():  # early values dwarf the rest
+            ax.set_yscale('log')
         ax.set_title(key, fontsize=9)
         ax.set_xlabel('epoch', fontsize=8)
         ax.tick_params(labelsize=7)
-    axes[0][0].legend(fontsize=7)
+    axes.flat[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
