@@ -267,7 +267,7 @@ def test_prior_is_causal(arch):
 def test_vqvae_then_priors_end_to_end(image_dir, tmp_path):
     vq_out = str(tmp_path / 'vq')
     vqvae.main(['--dataset', 'cifar10', '--data-dir', image_dir, '--epochs', '2', '--batch-size', '16',
-                '--num-codes', '16', '--code-dim', '32', '--out', vq_out, '--restart-dead-codes'])
+                '--num-codes', '16', '--code-dim', '32', '--out', vq_out, '--restart-dead-codes', '--amp'])
     for name in ('reconstructions.png', 'code_usage.png', 'curves.png', 'metrics.json', 'model.pt'):
         assert os.path.getsize(os.path.join(vq_out, name)) > 0, name
     m = read_metrics(vq_out)

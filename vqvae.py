@@ -147,7 +147,7 @@ def restart_dead_codes(model, counts, z_e):
     dead = (counts == 0).nonzero().flatten()
     flat = z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])  # (B, D, H, W) -> (B*H*W, D)
     pick = torch.randint(len(flat), (len(dead),), device=flat.device)
-    model.codebook.weight[dead] = flat[pick]
+    model.codebook.weight[dead] = flat[pick].to(model.codebook.weight.dtype)  # z_e is bfloat16 under --amp
     return len(dead)
 
 
