@@ -49,7 +49,7 @@ def parse_args(argv=None, script='vae_image', doc=__doc__):
         doc, script, datasets=list(common.IMAGE_CHANNELS), dataset='svhn', epochs=20, batch_size=128, lr=1e-3,
         why={'epochs': "20: the course's budget, which its published figures use.",
              'batch_size': "128, the course's batch: fits any laptop's memory.",
-             'lr': "1e-3: the course's rate, and Adam's usual step."})
+             'lr': "1e-3: the course's rate, and Adam's usual step."}, compile=True)
     p.add_argument('--latent-dim', type=common.positive(int), default=16,
                    help="size of z; 16 as in the course: enough for coarse image structure, small enough to look at")
     p.add_argument('--decoder-std', type=common.positive(float), default=1.0,
@@ -127,7 +127,7 @@ def reconstruction(model, x, z):
     s = model.decoder_std
     sq_err = (x - model.decoder(z)) ** 2
     recon = 0.5 * (LOG_2PI + 2 * math.log(s) + sq_err / s ** 2).flatten(1).sum(1)  # (B, C, H, W) -> (B,)
-    return recon, sq_err.flatten(1).mean(1)
+    return recon, sq_err.flatten(1).mean(1)  # (B, C, H, W) -> (B, D) -> (B,)
 
 
 def loss_terms(model, x):
@@ -218,9 +218,9 @@ def draw_pictures(model, test_x, out, title):
     common.image_grid(f'{out}/reconstructions.png', pairs, 10, f'{title}: test images beside reconstructions')
     mu = model.encoder(test_x[:20])[0]
     za, zb = mu[:10], mu.flip(0)[:10]  # pairs (0, 19), (1, 18), ...: still works on a tiny test set
-    t = torch.linspace(0, 1, 10, device=device).view(1, 10, 1)
+    t = torch.linspace(0, 1, 10, device=device).view(1, 10, 1)  # (10,) -> (1, 10 steps, 1)
     z = za[:, None] * (1 - t) + zb[:, None] * t  # (pairs, 10 steps, z_dim)
-    common.image_grid(f'{out}/interpolations.png', model.decoder(z.flatten(0, 1)), 10,
+    common.image_grid(f'{out}/interpolations.png', model.decoder(z.flatten(0, 1)), 10,  # -> (pairs*10, z_dim)
                       f'{title}: interpolations between test images')
     # Traversals: two test images, one row per latent dimension, that dimension moved over mu +- 3.
     mu = model.encoder(test_x[:2])[0]  # (2, z_dim)
@@ -228,7 +228,7 @@ def draw_pictures(model, test_x, out, title):
     z = mu[None, :, None].repeat(z_dim, 1, 9, 1)  # (z_dim rows, 2 images, 9 steps, z_dim)
     for j in range(z_dim):
         z[j, :, :, j] += steps
-    common.image_grid(f'{out}/traversals.png', model.decoder(z.flatten(0, 2)), 18,
+    common.image_grid(f'{out}/traversals.png', model.decoder(z.flatten(0, 2)), 18,  # -> (z_dim*2*9, z_dim)
                       f'{title}: each row moves one latent dimension over mu +- 3 (two test images)')
 
 
@@ -248,11 +248,12 @@ def fit_and_report(args, script, build_model, loss_fn, kl_fn):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     if args.resume or args.sample_only:
         run.restore(model, optimizer)
+    train_loss = torch.compile(loss_fn) if args.compile else loss_fn  # same function, fused kernels
 
     with run.interruptible():
         for _ in run.epochs():
             start = time.time()
-            train_logs = train_epoch(model, optimizer, train_x, args.batch_size, run, loss_fn)
+            train_logs = train_epoch(model, optimizer, train_x, args.batch_size, run, train_loss)
             seconds = time.time() - start
             run.end_epoch(train_logs, evaluate(model, test_x, args.batch_size, run, loss_fn), seconds,
                           len(train_x), model, optimizer)

@@ -41,7 +41,7 @@ def parse_args(argv=None):
         __doc__, 'vqvae', datasets=list(common.IMAGE_CHANNELS), dataset='svhn', epochs=20, batch_size=128, lr=1e-3,
         why={'epochs': "20: the course's budget, which its published figures use.",
              'batch_size': "128, the course's batch.",
-             'lr': "1e-3, the course's rate for Adam."})
+             'lr': "1e-3, the course's rate for Adam."}, compile=True)
     p.add_argument('--num-codes', type=common.positive(int), default=128,
                    help="codebook size K; 128 as in the course: a PixelCNN over 128 symbols trains quickly")
     p.add_argument('--code-dim', type=common.positive(int), default=256,
@@ -88,7 +88,7 @@ class VQVAE(nn.Module):
         e = self.codebook.weight  # (K, D)
         with torch.autocast(z_e.device.type, enabled=False):  # bf16 rounding would pick wrong codes
             dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.T + e.pow(2).sum(1)  # (B*H*W, K)
-        return dist.argmin(1).view(b, h, w)
+        return dist.argmin(1).view(b, h, w)  # (B*H*W,) -> (B, H, W)
 
     def lookup(self, codes):
         """Code indices (B, H, W) -> code vectors (B, D, H, W)."""
@@ -124,12 +124,12 @@ def usage_stats(counts):
 
 # ---------------------------------------------------------------------------------------------- train
 
-def train_epoch(model, optimizer, x, args, run):
+def train_epoch(model, optimizer, x, args, run, loss_fn=loss_terms):
     model.train()
     logs, counts = [], torch.zeros(args.num_codes, dtype=torch.long, device=x.device)
     for batch in run.batches(x, args.batch_size, shuffle=True):
         with run.autocast():
-            terms, codes, z_e = loss_terms(model, batch, args.beta)
+            terms, codes, z_e = loss_fn(model, batch, args.beta)
         optimizer.zero_grad(set_to_none=True)
         terms['loss'].backward()
         optimizer.step()
@@ -175,11 +175,12 @@ def main(argv=None):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     if args.resume or args.sample_only:
         run.restore(model, optimizer)
+    train_loss = torch.compile(loss_terms) if args.compile else loss_terms  # same function, fused kernels
 
     with run.interruptible():
         for _ in run.epochs():
             start = time.time()
-            train_logs = train_epoch(model, optimizer, train_x, args, run)
+            train_logs = train_epoch(model, optimizer, train_x, args, run, train_loss)
             seconds = time.time() - start
             run.end_epoch(train_logs, evaluate(model, test_x, args, run)[0], seconds, len(train_x), model,
                           optimizer, channels=channels)
