@@ -187,7 +187,10 @@ def load_vqvae(args, device):
     if cfg['dataset'] != args.dataset:
         common.fail(f'{args.vqvae} is a VQ-VAE of {cfg["dataset"]}, not {args.dataset}')
     model = vqvae.VQVAE(ckpt['channels'], cfg['num_codes'], cfg['code_dim']).to(device)
-    model.load_state_dict(ckpt['model'])
+    try:
+        model.load_state_dict(ckpt['model'])
+    except RuntimeError as e:
+        common.fail(f'{args.vqvae} does not fit the VQ-VAE its config describes ({str(e).splitlines()[0]})')
     return model.eval(), cfg
 
 
