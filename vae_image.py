@@ -130,12 +130,17 @@ def reconstruction(model, x, z):
     return recon, sq_err.flatten(1).mean(1)  # (B, C, H, W) -> (B, D) -> (B,)
 
 
+def kl_standard_normal(mu, logvar):
+    """KL(N(mu, exp(logvar)) || N(0, 1)) per dimension, closed form (Kingma & Welling, 2014, appx. B)."""
+    return 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar)
+
+
 def loss_terms(model, x):
     """Negative ELBO and its terms, nats per image (sum over dims, mean over batch)."""
     mu, logvar = model.encoder(x)
     z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)  # reparameterisation trick
     recon, mse = reconstruction(model, x, z)  # Kingma & Welling (2014), eq. 10, one sample
-    kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(1)  # closed form, their appendix B
+    kl = kl_standard_normal(mu, logvar).sum(1)
     return {'neg_elbo': (recon + kl).mean(), 'recon': recon.mean(), 'kl': kl.mean(), 'mse': mse.mean()}
 
 
@@ -234,8 +239,7 @@ def draw_pictures(model, test_x, out, title):
 
 def kl_per_dim(model, x):
     """KL(q(z|x) || N(0, I)) per example and latent dimension, in closed form: (B, z_dim)."""
-    mu, logvar = model.encoder(x)
-    return 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar)
+    return kl_standard_normal(*model.encoder(x))
 
 
 def fit_and_report(args, script, build_model, loss_fn, kl_fn):
