@@ -212,9 +212,10 @@ class Run:
         self.start = time.time()
 
     # -- checkpoints ---------------------------------------------------------------------------------
-    def load(self, what='--resume'):
-        """Read --out/model.pt, written by this script for the same dataset and model shape, or fail."""
-        path = self.ckpt_path
+    def restore(self, model, optimizer):
+        """--resume / --sample-only: load --out/model.pt, written by this script for the same dataset and
+        model shape, into model and optimizer, and continue its counters; or fail in one line."""
+        path, what = self.ckpt_path, '--sample-only' if self.args.sample_only else '--resume'
         if not os.path.exists(path):
             fail(f'{what}: no checkpoint at {path}; train first with: python {self.script}.py '
                  f'--dataset {self.args.dataset} --out {self.args.out}')
@@ -228,11 +229,6 @@ class Run:
         for key in self.model_keys:
             if ckpt['config'].get(key) != getattr(self.args, key):
                 fail(f'{path} has {key}={ckpt["config"].get(key)}, this run asks for {getattr(self.args, key)}')
-        return ckpt
-
-    def restore(self, model, optimizer):
-        """--resume / --sample-only: load model.pt from --out into model (and optimizer) and our counters."""
-        ckpt = self.load(what='--sample-only' if self.args.sample_only else '--resume')
         try:
             model.load_state_dict(ckpt['model'])
             optimizer.load_state_dict(ckpt['optimizer'])
@@ -243,7 +239,6 @@ class Run:
         self.history, self.epoch = ckpt['history'], ckpt['epoch']
         self.train_seconds, self.train_examples = ckpt['train_seconds'], ckpt['train_examples']
         torch.set_rng_state(ckpt['rng'].cpu())  # the same random stream as a run never interrupted
-        return ckpt
 
     def save(self, model, optimizer, **extra):
         """Write model.pt atomically: a crash mid-write leaves the previous checkpoint intact."""
