@@ -33,6 +33,7 @@ Run (after vqvae.py for the same dataset):
 Writes into results/pixelcnn_prior/<dataset>/<arch>/: samples.png, temperatures.png, curves.png,
 metrics.json, model.pt.
 """
+import hashlib
 import math
 import os
 import time
@@ -67,7 +68,15 @@ def parse_args(argv=None):
     if args.out is None:  # one folder per architecture, so the two runs can be compared
         args.out = os.path.join('results', 'pixelcnn_prior', args.dataset, args.arch)
     args.vqvae = args.vqvae or os.path.join('results', 'vqvae', args.dataset, 'model.pt')
+    if args.temperature < 1e-6:  # logits / T overflow float32 near 1e-38; from 0.01 on it is already near argmax
+        p.error(f'argument --temperature: {args.temperature} is too small to sample with; use 1e-6 or more')
+    args.vqvae_sha256 = sha256(args.vqvae) if os.path.isfile(args.vqvae) else None  # --resume checks it
     return args
+
+
+def sha256(path):
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]  # enough to tell two files apart
 
 
 # ---------------------------------------------------------------------------------------------- masks
@@ -219,11 +228,11 @@ def loss_terms(prior, codes):
     return {'nll': nll.mean(), 'bits_per_code': nll.mean() / math.log(2)}
 
 
-def train_epoch(prior, optimizer, codes, batch_size, run):
+def train_epoch(prior, optimizer, codes, args, progress):
     prior.train()
     logs = []
-    for batch in run.batches(codes, batch_size, shuffle=True):
-        with run.autocast():
+    for batch in common.batches(codes, args.batch_size, shuffle=True, progress=progress):
+        with common.autocast(codes.device, args.amp):
             terms = loss_terms(prior, batch)
         optimizer.zero_grad(set_to_none=True)
         terms['nll'].backward()
@@ -233,11 +242,11 @@ def train_epoch(prior, optimizer, codes, batch_size, run):
 
 
 @torch.no_grad()
-def evaluate(prior, codes, batch_size, run):
+def evaluate(prior, codes, args):
     prior.eval()
     total = 0.0
-    for batch in run.batches(codes, batch_size, shuffle=False):
-        with run.autocast():
+    for batch in common.batches(codes, args.batch_size, shuffle=False):
+        with common.autocast(codes.device, args.amp):
             total += nll_per_grid(prior, batch).float().sum()
     nll = float(total) / codes.numel()
     return {'nll': nll, 'bits_per_code': nll / math.log(2)}
@@ -257,51 +266,54 @@ def sample(prior, n, shape, temperature, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    run = common.Run(args, 'pixelcnn_prior', model_keys=('arch', 'hidden', 'layers', 'num_codes'))
-    vq, vq_cfg = load_vqvae(args, run.device)
-    args.num_codes = vq_cfg['num_codes']  # saved in the config, so --resume refuses a prior over other codes
-    train_x, test_x = common.take_subset(*common.load_images(args.dataset, args.data_dir), args.subset)
-    train_codes, _ = encode(vq, train_x.to(run.device), args.decoder_std)
-    test_codes, test_recon = encode(vq, test_x.to(run.device), args.decoder_std)
-    del train_x
-    prior = ARCHS[args.arch](args.num_codes, args.hidden, args.layers).to(run.device)
-    optimizer = torch.optim.Adam(prior.parameters(), lr=args.lr)
-    if args.resume or args.sample_only:
-        run.restore(prior, optimizer)
+    fixed = ('arch', 'hidden', 'layers', 'decoder_std', 'subset', 'vqvae_sha256')  # the same prior over the same codes
+    with common.claim_out(args, 'pixelcnn_prior', argv, fixed) as previous:
+        device = common.pick_device(args.device)
+        vq, vq_cfg = load_vqvae(args, device)
+        args.num_codes = vq_cfg['num_codes']
+        train_x, test_x = common.take_subset(*common.load_images(args.dataset, args.data_dir), args.subset)
+        train_codes, _ = encode(vq, train_x.to(device), args.decoder_std)
+        test_codes, test_recon = encode(vq, test_x.to(device), args.decoder_std)
+        del train_x
+        prior = ARCHS[args.arch](args.num_codes, args.hidden, args.layers).to(device)
+        optimizer = torch.optim.Adam(prior.parameters(), lr=args.lr)
+        state = common.restore(previous, args, prior, optimizer)
 
-    with run.interruptible():
-        for _ in run.epochs():
+        for epoch in range(state['epoch'] + 1, args.epochs + 1):
             start = time.time()
-            train_logs = train_epoch(prior, optimizer, train_codes, args.batch_size, run)
+            train_logs = train_epoch(prior, optimizer, train_codes, args, (epoch, args.epochs))
             seconds = time.time() - start
-            run.end_epoch(train_logs, evaluate(prior, test_codes, args.batch_size, run), seconds,
-                          len(train_codes), prior, optimizer)
+            test = evaluate(prior, test_codes, args)
+            common.check_finite(train_logs, test, epoch, args)
+            common.record(state, train_logs, test, seconds, len(train_codes))
+            common.save_checkpoint(prior, optimizer, args, 'pixelcnn_prior', state)
+            common.print_epoch(state, args.epochs, test, seconds)
 
-    final = evaluate(prior, test_codes, args.batch_size, run)
-    # -log p(x) <= -log p(x|z_q) - log p(z_q), averaged over test images, then in bits per dimension.
-    dims = test_x[0].numel()
-    prior_nll = final['nll'] * test_codes[0].numel()
-    final['recon_nll'] = float(test_recon.mean())
-    final['neg_log_px_bound'] = final['recon_nll'] + prior_nll
-    final['bits_per_dim'] = (final['neg_log_px_bound'] + dims * math.log(127.5)) / (dims * math.log(2))
+        final = evaluate(prior, test_codes, args)
+        # -log p(x) <= -log p(x|z_q) - log p(z_q), averaged over test images, then in bits per dimension.
+        dims = test_x[0].numel()
+        final['recon_nll'] = float(test_recon.mean())
+        final['neg_log_px_bound'] = final['recon_nll'] + final['nll'] * test_codes[0].numel()
+        final['bits_per_dim'] = (final['neg_log_px_bound'] + dims * math.log(127.5)) / (dims * math.log(2))
 
-    title = f'{args.arch} prior on {args.dataset}'
-    start = time.time()
-    codes = sample(prior, 100, test_codes.shape[1:], args.temperature, run.device)
-    with torch.no_grad():
-        images = vq.decoder(vq.lookup(codes))
-    if run.device.type == 'cuda':
-        torch.cuda.synchronize()
-    sample_seconds = time.time() - start
-    common.image_grid(f'{args.out}/samples.png', images, 10, f'{title}: 100 samples at T = {args.temperature}')
-    rows = []
-    for t in (0.5, 0.8, 1.0, 1.2):
+        title = f'{args.arch} prior on {args.dataset}'
+        start = time.time()
+        codes = sample(prior, 100, test_codes.shape[1:], args.temperature, device)
         with torch.no_grad():
-            rows.append(vq.decoder(vq.lookup(sample(prior, 10, test_codes.shape[1:], t, run.device))))
-    common.image_grid(f'{args.out}/temperatures.png', torch.cat(rows), 10,
-                      f'{title}: rows at temperature 0.5, 0.8, 1.0, 1.2')
-    print(f'sampling 100 grids took {sample_seconds:.2f}s on {run.device.type}')
-    return run.finish(final, sample_seconds_100=round(sample_seconds, 3), sample_device=run.device.type)
+            images = vq.decoder(vq.lookup(codes))
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        sample_seconds = time.time() - start
+        common.image_grid(f'{args.out}/samples.png', images, 10, f'{title}: 100 samples at T = {args.temperature}')
+        rows = []
+        for t in (0.5, 0.8, 1.0, 1.2):
+            with torch.no_grad():
+                rows.append(vq.decoder(vq.lookup(sample(prior, 10, test_codes.shape[1:], t, device))))
+        common.image_grid(f'{args.out}/temperatures.png', torch.cat(rows), 10,
+                          f'{title}: rows at temperature 0.5, 0.8, 1.0, 1.2')
+        print(f'sampling 100 grids took {sample_seconds:.2f}s on {device.type}')
+        return common.write_metrics(args, 'pixelcnn_prior', state, final, sample_seconds_100=round(sample_seconds, 3),
+                                    sample_device=device.type)
 
 
 if __name__ == '__main__':

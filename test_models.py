@@ -7,6 +7,9 @@ import json
 import math
 import os
 import pickle
+import shlex
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -304,25 +307,43 @@ def test_same_seed_gives_same_metrics(tmp_path):
     assert c['final_test'] != a['final_test']
 
 
+def files(folder):
+    """{name: bytes} of every file in folder (recursively): to check that a refused run touched nothing."""
+    return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), 'rb').read()
+            for d, _, names in os.walk(folder) for n in names}
+
+
+def after_first_checkpoint(out, action):
+    """A stand-in for vae_2d.loss_terms that returns action(terms) once --out/model.pt exists, i.e. from
+    the second epoch on, whatever the number of batches."""
+    real = vae_2d.loss_terms
+
+    def loss_terms(model, x):
+        terms = real(model, x)
+        return action(terms) if os.path.exists(os.path.join(out, 'model.pt')) else terms
+    return loss_terms
+
+
+def ctrl_c(*_):
+    raise KeyboardInterrupt
+
+
+TWO_EPOCHS = ['--epochs', '2', '--subset', '1000', '--iw-samples', '5']
+
+
 def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     args = ['--epochs', '3', '--subset', '1000', '--iw-samples', '5']
     whole = vae_2d.main(args + ['--out', str(tmp_path / 'whole')])
-
     out = str(tmp_path / 'cut')
-    real, calls = vae_2d.loss_terms, {'n': 0}
-
-    def ctrl_c_in_epoch_2(model, x):  # 8 train batches of 1000 examples, 2 test batches of 200
-        calls['n'] += 1
-        if calls['n'] == 12:
-            raise KeyboardInterrupt
-        return real(model, x)
-
-    monkeypatch.setattr(vae_2d, 'loss_terms', ctrl_c_in_epoch_2)
+    monkeypatch.setattr(vae_2d, 'loss_terms', after_first_checkpoint(out, ctrl_c))
     with pytest.raises(SystemExit) as e:
         vae_2d.main(args + ['--out', out])
-    assert e.value.code == 130 and '--resume' in capsys.readouterr().err
-    assert torch.load(os.path.join(out, 'model.pt'), weights_only=True)['epoch'] == 1
-    monkeypatch.setattr(vae_2d, 'loss_terms', real)
+    message = capsys.readouterr().err.strip()
+    assert e.value.code == 130 and '\n' not in message and 'holds epoch 1 of 3' in message
+    command = shlex.split(message.split('Continue with: ')[1])  # shell-quoted, with this Python
+    assert command == [sys.executable, 'vae_2d.py'] + args + ['--out', out, '--resume']
+    assert sorted(os.listdir(out)) == ['model.pt']  # no lock and no temp file left behind
+    monkeypatch.undo()
     resumed = vae_2d.main(args + ['--out', out, '--resume'])
     assert resumed['final_test'] == whole['final_test'] and resumed['test_history'] == whole['test_history']
 
@@ -331,23 +352,148 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch
     assert os.path.exists(os.path.join(out, 'samples.png')) and again['epochs_trained'] == 3
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def test_a_new_run_never_replaces_a_trained_model(tmp_path):
     out = str(tmp_path / 'run')
-    real, calls = vae_2d.loss_terms, {'n': 0}
+    vae_2d.main(TWO_EPOCHS + ['--out', out])
+    before = files(out)
+    message = refused(vae_2d.main, TWO_EPOCHS + ['--out', out, '--seed', '1'], 'already holds a run (epoch 2 of 2)',
+                      '--resume', '--overwrite', '--out DIR')
+    assert message.startswith(f'error: {out} ') and files(out) == before
 
-    def nan_in_epoch_2(model, x):
-        calls['n'] += 1
-        terms = real(model, x)
-        if calls['n'] == 12:  # 8 train + 2 test batches in epoch 1, so: epoch 2, batch 2
-            terms['neg_elbo'] = terms['neg_elbo'] * float('nan')
-        return terms
 
-    monkeypatch.setattr(vae_2d, 'loss_terms', nan_in_epoch_2)
+def test_overwrite_starts_again_in_a_clean_folder(tmp_path):
+    out = tmp_path / 'run'
+    first = vae_2d.main(TWO_EPOCHS + ['--out', str(out)])
+    (out / 'old_picture.png').write_bytes(b'from the old run')
+    second = vae_2d.main(['--epochs', '1', '--subset', '1000', '--iw-samples', '5', '--seed', '1', '--out', str(out),
+                          '--overwrite'])
+    assert not (out / 'old_picture.png').exists() and second['epochs_trained'] == 1
+    assert torch.load(out / 'model.pt', weights_only=True)['epoch'] == 1 and second['final_test'] != first['final_test']
+    refused(vae_2d.main, TWO_EPOCHS + ['--out', str(out), '--overwrite', '--resume'], '--overwrite cannot go with')
+
+
+def test_one_writer_per_folder(tmp_path):
+    out = tmp_path / 'run'
+    vae_2d.main(TWO_EPOCHS + ['--out', str(out)])
+    (out / '.lock').write_text(str(os.getppid()))  # a live process (pytest's parent) holds the folder
+    before = files(out)
+    refused(vae_2d.main, TWO_EPOCHS[2:] + ['--epochs', '3', '--out', str(out), '--resume'],
+            'being written by another run', f'pid {os.getppid()}')
+    assert files(out) == before
+    ended = subprocess.Popen([sys.executable, '-c', 'pass'])
+    ended.wait()
+    (out / '.lock').write_text(str(ended.pid))  # a lock left by a process that has ended is taken over
+    assert vae_2d.main(TWO_EPOCHS[2:] + ['--epochs', '3', '--out', str(out), '--resume'])['epochs_trained'] == 3
+    assert not (out / '.lock').exists()
+
+
+def test_ctrl_c_after_training_keeps_everything_and_suggests_sample_only(tmp_path, monkeypatch, capsys):
+    out = tmp_path / 'run'
+    seen = {}
+
+    def interrupt_final_metrics(*_):
+        seen.update(files(out))  # what is on disk at the moment of Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vae_2d, 'iw_nll', interrupt_final_metrics)
     with pytest.raises(SystemExit) as e:
-        vae_2d.main(['--epochs', '3', '--subset', '1000', '--out', out])
-    assert 'epoch 2, batch 2' in str(e.value.code)
+        vae_2d.main(TWO_EPOCHS + ['--out', str(out)])
+    message = capsys.readouterr().err.strip()
+    assert e.value.code == 130 and '\n' not in message and 'holds epoch 2 of 2' in message
+    assert message.endswith('--sample-only') and files(out) == {k: v for k, v in seen.items() if k != '.lock'}
+
+
+def test_ctrl_c_while_writing_the_checkpoint_names_the_epoch_on_disk(tmp_path, monkeypatch, capsys):
+    out = tmp_path / 'run'
+    real_save = torch.save
+
+    def save_then_ctrl_c(obj, path):
+        real_save(obj, path)  # the temp file is written...
+        if obj['epoch'] == 2:
+            raise KeyboardInterrupt  # ...and Ctrl-C comes before the rename
+    monkeypatch.setattr(torch, 'save', save_then_ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        vae_2d.main(TWO_EPOCHS + ['--out', str(out)])
+    assert e.value.code == 130 and 'holds epoch 1 of 2' in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ['model.pt'] and torch.load(out / 'model.pt', weights_only=True)['epoch'] == 1
+
+
+def test_nan_in_the_first_epoch_says_nothing_was_saved(image_dir, tmp_path, monkeypatch):
+    nan = torch.tensor(math.nan, requires_grad=True)
+    monkeypatch.setattr(vae_image, 'loss_terms', lambda model, x: {'neg_elbo': nan * model.decoder_std})
+    refused(vae_image.main, ['--dataset', 'cifar10', '--data-dir', image_dir, '--epochs', '2',
+                             '--out', str(tmp_path / 'new' / 'run')],
+            'NaN or infinite in epoch 1, batch 1', 'no checkpoint was written', '--lr', '--decoder-std')
+    assert not (tmp_path / 'new').exists()  # a failed start leaves no empty folders
+
+
+def test_nan_later_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    out = str(tmp_path / 'run')
+    monkeypatch.setattr(vae_2d, 'loss_terms', after_first_checkpoint(
+        out, lambda terms: {**terms, 'neg_elbo': terms['neg_elbo'] * math.nan}))
+    refused(vae_2d.main, ['--epochs', '3', '--subset', '1000', '--out', out], 'NaN or infinite in epoch 2, batch 1',
+            'keeps epoch 1', '--resume')
     ckpt = torch.load(os.path.join(out, 'model.pt'), weights_only=True)
     assert ckpt['epoch'] == 1 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
+
+
+def test_resume_refuses_a_changed_objective_and_records_segments(image_dir, tmp_path):
+    out = str(tmp_path / 'run')
+    run = ['--dataset', 'cifar10', '--data-dir', image_dir, '--batch-size', '32', '--iw-samples', '2',
+           '--iw-examples', '4', '--out', out]
+    vae_image.main(run + ['--epochs', '1'])
+    before = files(out)
+    refused(vae_image.main, run + ['--epochs', '2', '--resume', '--decoder-std', '0.5'], 'decoder_std=1.0',
+            'asks for 0.5')
+    refused(vae_image.main, run + ['--epochs', '2', '--resume', '--subset', '20'], 'subset=None', 'asks for 20')
+    assert files(out) == before
+    m = vae_image.main(run + ['--epochs', '2', '--resume', '--lr', '1e-4', '--seed', '3'])
+    assert m['segments'] == [{'from_epoch': 1, 'seed': 0, 'lr': 1e-3, 'batch_size': 32},
+                             {'from_epoch': 2, 'seed': 3, 'lr': 1e-4, 'batch_size': 32}]
+
+
+def test_messages_that_say_what_to_do(image_dir, tmp_path):
+    out = tmp_path / 'run'
+    vae_2d.main(TWO_EPOCHS + ['--out', str(out)])
+    refused(vae_2d.main, TWO_EPOCHS[2:] + ['--epochs', '1', '--out', str(out), '--resume'], 'trained 2 epochs',
+            '--epochs 1', '--sample-only')
+    (out / 'model.pt').write_bytes((out / 'model.pt').read_bytes()[:1000])  # a truncated checkpoint
+    refused(vae_2d.main, TWO_EPOCHS + ['--out', str(out), '--resume'], 'model.pt is damaged', '--overwrite')
+    refused(vae_2d.main, TWO_EPOCHS + ['--out', ''], "--out ''")
+    refused(vae_2d.main, ['--subset', '9', '--out', str(tmp_path / 'small')], '--subset 9 leaves 1 test examples')
+    refused(vae_image.main, ['--dataset', 'cifar10', '--data-dir', os.path.join(image_dir, 'cifar10.pkl'),
+                             '--out', str(tmp_path / 'x')], 'is a file', f'--data-dir {image_dir}')
+    refused(vae_image.main, ['--dataset', 'cifar10', '--data-dir', image_dir, '--out', str(tmp_path / 'none'),
+                             '--resume'], 'no checkpoint', f'--data-dir {image_dir}')
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    write_pkl(empty / 'cifar10.pkl', np.zeros((4, 32, 32, 3), np.uint8), np.zeros((0, 32, 32, 3), np.uint8))
+    refused(vae_image.main, ['--dataset', 'cifar10', '--data-dir', str(empty), '--out', str(tmp_path / 'e')],
+            "'test' holds 0 images")
+    with pytest.raises(SystemExit) as e:
+        pixelcnn_prior.parse_args(['--temperature', '1e-9'])
+    assert e.value.code == 2
+    assert not any((tmp_path / name).exists() for name in ('small', 'x', 'none', 'e'))  # no empty folders left
+
+
+def test_chunked_iw_estimate_equals_the_unchunked_one():
+    model, x = fixed_tiny_vae()
+    x = x[:8]  # 8 points x 2 dims: every chunk of draws is a multiple of 16 values, for which torch's CPU
+    results = []  # normal sampler gives the same numbers whether drawn at once or in pieces
+    for chunk in (12, 4, 1000):
+        torch.manual_seed(0)
+        results.append(vae_2d.iw_nll(model, x, 12, chunk=chunk))
+    assert torch.allclose(results[0], results[1], atol=1e-5) and torch.allclose(results[0], results[2], atol=1e-5)
+    torch.manual_seed(0)  # the same 12 draws, weighted by hand with torch.distributions
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+        q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+        z = mu + q.scale * torch.randn(12, *mu.shape)  # (12, 8, 2)
+        x_mu, x_logvar = model.decode(z)
+        log_w = (torch.distributions.Normal(x_mu, (0.5 * x_logvar).exp()).log_prob(x).sum(-1)
+                 + torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1) - q.log_prob(z).sum(-1))
+        by_hand = -torch.log(log_w.exp().mean(0))  # (8,): small numbers here, no need for logsumexp
+    assert torch.allclose(results[0], by_hand, atol=1e-4)
 
 
 def refused(main, argv, *words):
@@ -437,7 +583,7 @@ def test_wrong_checkpoints_are_refused(image_dir, tmp_path):
                 '--num-codes', '4', '--code-dim', '16', '--out', str(tmp_path / 'vq4')])
     refused(pixelcnn_prior.main, ['--dataset', 'cifar10', '--vqvae', str(tmp_path / 'vq4' / 'model.pt'), '--out',
                                   prior_out, '--hidden', '8', '--layers', '2', '--resume'] + common_args,
-            'num_codes=8', 'asks for 4')
+            'vqvae_sha256=', 'keeps its model and objective')
     (tmp_path / 'junk.pt').write_bytes(b'junk')
     refused(pixelcnn_prior.main, ['--dataset', 'cifar10', '--vqvae', str(tmp_path / 'junk.pt'),
                                   '--out', str(tmp_path / 'p')] + common_args, 'not a readable checkpoint')

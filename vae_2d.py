@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 import common
+import matplotlib.pyplot as plt  # common.py has chosen the Agg backend
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -90,10 +91,10 @@ def loss_terms(model, x):
     return {'neg_elbo': (recon + kl).mean(), 'recon': recon.mean(), 'kl': kl.mean()}
 
 
-def train_epoch(model, optimizer, x, batch_size, run):
+def train_epoch(model, optimizer, x, batch_size, progress):
     model.train()
     logs = []
-    for batch in run.batches(x, batch_size, shuffle=True):
+    for batch in common.batches(x, batch_size, shuffle=True, progress=progress):
         terms = loss_terms(model, batch)
         optimizer.zero_grad(set_to_none=True)
         terms['neg_elbo'].backward()
@@ -103,24 +104,31 @@ def train_epoch(model, optimizer, x, batch_size, run):
 
 
 @torch.no_grad()
-def evaluate(model, x, batch_size, run):
+def evaluate(model, x, batch_size):
     model.eval()
     totals = {}
-    for batch in run.batches(x, batch_size, shuffle=False):
+    for batch in common.batches(x, batch_size, shuffle=False):
         for k, v in loss_terms(model, batch).items():
             totals[k] = totals.get(k, 0.0) + v * len(batch)
     return {k: float(v) / len(x) for k, v in totals.items()}
 
 
 @torch.no_grad()
-def iw_nll(model, x, k):
-    """Importance-weighted estimate of -log p(x) with K samples per example (Burda et al., 2016, eq. 8)."""
+def iw_nll(model, x, k, chunk=100):
+    """Importance-weighted estimate of -log p(x) with K samples per example (Burda et al., 2016, eq. 8),
+        -log p(x) ~= -log 1/K sum_k w_k,   w_k = p(x|z_k) p(z_k) / q(z_k|x),   z_k ~ q(z|x).
+    The samples go through the decoder `chunk` at a time and log sum_k w_k is accumulated chunk by chunk,
+    so memory stays flat for any K (all at once, K = 100,000 on 500 points would need 25.6 GB)."""
     mu, logvar = model.encode(x)
-    z = mu + (0.5 * logvar).exp() * torch.randn(k, *mu.shape, device=x.device)  # (K, B, z_dim)
-    log_w = (gaussian_log_prob(x, *model.decode(z))                         # log p(x|z_k)
-             + gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))  # + log p(z_k)
-             - gaussian_log_prob(z, mu, logvar))                              # - log q(z_k|x)   -> (K, B)
-    return -(torch.logsumexp(log_w, dim=0) - math.log(k))  # (B,)
+    log_sum_w = torch.full((len(x),), -math.inf, device=x.device)
+    for first in range(0, k, chunk):
+        n = min(chunk, k - first)
+        z = mu + (0.5 * logvar).exp() * torch.randn(n, *mu.shape, device=x.device)  # (n, B, z_dim)
+        log_w = (gaussian_log_prob(x, *model.decode(z))                         # log p(x|z_k)
+                 + gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))  # + log p(z_k)
+                 - gaussian_log_prob(z, mu, logvar))                              # - log q(z_k|x)   -> (n, B)
+        log_sum_w = torch.logaddexp(log_sum_w, torch.logsumexp(log_w, dim=0))
+    return -(log_sum_w - math.log(k))  # (B,)
 
 
 @torch.no_grad()
@@ -132,38 +140,52 @@ def latent_usage(model, x):
     return kl_per_dim, active
 
 
+def scatter_2d(path, panels, title):
+    """panels: {name: (N, 2) points}, drawn side by side on the same axes."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.5 * len(panels), 3.5), sharex=True, sharey=True)
+    for ax, (name, pts) in zip(axes, panels.items()):
+        pts = pts.detach().cpu().numpy()
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5)
+        ax.set_title(name, fontsize=9)
+        ax.set_aspect('equal')
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    run = common.Run(args, 'vae_2d', model_keys=('hidden',))
-    train_x, test_x = common.take_subset(*common.load_2d(args.dataset), args.subset)
-    train_x, test_x = train_x.to(run.device), test_x.to(run.device)
-    model = VAE2d(args.hidden).to(run.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    if args.resume or args.sample_only:
-        run.restore(model, optimizer)
+    with common.claim_out(args, 'vae_2d', argv, fixed=('hidden', 'subset')) as previous:  # Ctrl-C: exit 130
+        device = common.pick_device(args.device)
+        train_x, test_x = common.take_subset(*common.load_2d(args.dataset), args.subset)
+        train_x, test_x = train_x.to(device), test_x.to(device)
+        model = VAE2d(args.hidden).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+        state = common.restore(previous, args, model, optimizer)
 
-    with run.interruptible():
-        for _ in run.epochs():
+        for epoch in range(state['epoch'] + 1, args.epochs + 1):
             start = time.time()
-            train_logs = train_epoch(model, optimizer, train_x, args.batch_size, run)
+            train_logs = train_epoch(model, optimizer, train_x, args.batch_size, progress=(epoch, args.epochs))
             seconds = time.time() - start
-            run.end_epoch(train_logs, evaluate(model, test_x, args.batch_size, run), seconds, len(train_x),
-                          model, optimizer)
+            test = evaluate(model, test_x, args.batch_size)
+            common.check_finite(train_logs, test, epoch, args)
+            common.record(state, train_logs, test, seconds, len(train_x))
+            common.save_checkpoint(model, optimizer, args, 'vae_2d', state)
+            common.print_epoch(state, args.epochs, test, seconds)
 
-    model.eval()
-    final = evaluate(model, test_x, args.batch_size, run)
-    final['nll_iw'] = float(torch.cat([iw_nll(model, x, args.iw_samples) for x in test_x.split(500)]).mean())
-    kl_per_dim, final['active_units'] = latent_usage(model, test_x)
-
-    with torch.no_grad():  # 1,000 samples: z ~ p(z), then x ~ p(x|z) (with noise) or x = mu(z) (without)
-        mu, logvar = model.decode(torch.randn(1000, model.z_dim, device=run.device))
-        noisy = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
-    out = args.out
-    common.scatter_2d(f'{out}/samples.png', {'data (test)': test_x[:1000], 'samples, with decoder noise': noisy,
-                                             'samples, decoder mean only': mu}, f'vae_2d on {args.dataset}')
-    common.bar_chart(f'{out}/kl_per_dim.png', kl_per_dim.tolist(), 'latent dimension', 'KL (nats)',
-                     f'KL per latent dimension, {args.dataset}')
-    return run.finish(final)
+        model.eval()
+        final = evaluate(model, test_x, args.batch_size)
+        final['nll_iw'] = float(torch.cat([iw_nll(model, x, args.iw_samples) for x in test_x.split(500)]).mean())
+        kl_per_dim, final['active_units'] = latent_usage(model, test_x)
+        with torch.no_grad():  # 1,000 samples: z ~ p(z), then x ~ p(x|z) (with noise) or x = mu(z) (without)
+            mu, logvar = model.decode(torch.randn(1000, model.z_dim, device=device))
+            noisy = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
+        scatter_2d(f'{args.out}/samples.png', {'data (test)': test_x[:1000], 'samples, with decoder noise': noisy,
+                                               'samples, decoder mean only': mu}, f'vae_2d on {args.dataset}')
+        common.bar_chart(f'{args.out}/kl_per_dim.png', kl_per_dim.tolist(), 'latent dimension', 'KL (nats)',
+                         f'KL per latent dimension, {args.dataset}')
+        return common.write_metrics(args, 'vae_2d', state, final)
 
 
 if __name__ == '__main__':

@@ -42,6 +42,7 @@ import torch.nn as nn
 import common
 
 LOG_2PI = math.log(2 * math.pi)
+NAN_HINT = ', or a larger --decoder-std (a small s makes every pixel error 1/s^2 times dearer)'
 
 
 def parse_args(argv=None, script='vae_image', doc=__doc__):
@@ -154,11 +155,12 @@ def with_course_metrics(terms, dims):
 
 # ---------------------------------------------------------------------------------------------- train
 
-def train_epoch(model, optimizer, x, batch_size, run, loss_fn=loss_terms):
+def train_epoch(model, optimizer, x, args, progress, loss_fn=loss_terms):
+    """One pass over x; vlae.py passes its own loss. Returns {term: per-batch values}."""
     model.train()
     logs = []
-    for batch in run.batches(x, batch_size, shuffle=True):
-        with run.autocast():
+    for batch in common.batches(x, args.batch_size, shuffle=True, progress=progress):
+        with common.autocast(x.device, args.amp):
             terms = loss_fn(model, batch)
         optimizer.zero_grad(set_to_none=True)
         terms['neg_elbo'].backward()
@@ -168,11 +170,11 @@ def train_epoch(model, optimizer, x, batch_size, run, loss_fn=loss_terms):
 
 
 @torch.no_grad()
-def evaluate(model, x, batch_size, run, loss_fn=loss_terms):
+def evaluate(model, x, args, loss_fn=loss_terms):
     model.eval()
     totals = {}
-    for batch in run.batches(x, batch_size, shuffle=False):
-        with run.autocast():
+    for batch in common.batches(x, args.batch_size, shuffle=False):
+        with common.autocast(x.device, args.amp):
             terms = loss_fn(model, batch)
         for k, v in terms.items():
             totals[k] = totals.get(k, 0.0) + v.float() * len(batch)
@@ -197,15 +199,15 @@ def active_units(mu):
 
 
 @torch.no_grad()
-def final_metrics(model, test_x, args, run, loss_fn=loss_terms):
+def final_metrics(model, test_x, args, loss_fn=loss_terms):
     """Test metrics, the importance-weighted -log p(x) on a subset, and active units."""
     model.eval()
-    final = evaluate(model, test_x, args.batch_size, run, loss_fn)
+    final = evaluate(model, test_x, args, loss_fn)
     sub = test_x[:args.iw_examples]
     dims = test_x[0].numel()
     final['nll_iw'] = float(torch.cat([iw_nll(model, b, args.iw_samples) for b in sub.split(100)]).mean())
     final['bits_per_dim_iw'] = (final['nll_iw'] + dims * math.log(127.5)) / (dims * math.log(2))
-    final['neg_elbo_iw_subset'] = evaluate(model, sub, args.batch_size, run, loss_fn)['neg_elbo']
+    final['neg_elbo_iw_subset'] = evaluate(model, sub, args, loss_fn)['neg_elbo']
     final['active_units'] = active_units(torch.cat([model.encoder(b)[0] for b in test_x.split(500)]))
     return final
 
@@ -242,40 +244,35 @@ def kl_per_dim(model, x):
     return kl_standard_normal(*model.encoder(x))
 
 
-def fit_and_report(args, script, build_model, loss_fn, kl_fn):
-    """Load data, train with per-epoch checkpoints, then final metrics and pictures. vlae.py reuses this
-    with its own model, loss and KL: the VLAE is this VAE with a learned prior, nothing else changes."""
-    run = common.Run(args, script, model_keys=('latent_dim',))
-    train_x, test_x = common.take_subset(*common.load_images(args.dataset, args.data_dir), args.subset)
-    train_x, test_x = train_x.to(run.device), test_x.to(run.device)
-    model = build_model(train_x.shape[1]).to(run.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    if args.resume or args.sample_only:
-        run.restore(model, optimizer)
-    train_loss = torch.compile(loss_fn) if args.compile else loss_fn  # same function, fused kernels
-
-    with run.interruptible():
-        for _ in run.epochs():
-            start = time.time()
-            train_logs = train_epoch(model, optimizer, train_x, args.batch_size, run, train_loss)
-            seconds = time.time() - start
-            run.end_epoch(train_logs, evaluate(model, test_x, args.batch_size, run, loss_fn), seconds,
-                          len(train_x), model, optimizer)
-
-    final = final_metrics(model, test_x, args, run, loss_fn)
-    title = f'{script} on {args.dataset}'
-    with torch.no_grad():
-        kl = torch.cat([kl_fn(model, b) for b in test_x[:2000].split(500)]).mean(0)  # (B, z_dim) -> (z_dim,)
-    common.bar_chart(f'{args.out}/kl_per_dim.png', kl.tolist(), 'latent dimension', 'KL (nats)',
-                     f'{title}: KL per latent dimension')
-    draw_pictures(model, test_x, args.out, title)
-    return run.finish(final)
-
-
 def main(argv=None):
     args = parse_args(argv)
-    return fit_and_report(args, 'vae_image', lambda channels: VAE(channels, args.latent_dim, args.decoder_std),
-                          loss_terms, kl_per_dim)
+    with common.claim_out(args, 'vae_image', argv, fixed=('latent_dim', 'decoder_std', 'subset')) as previous:
+        device = common.pick_device(args.device)
+        train_x, test_x = common.take_subset(*common.load_images(args.dataset, args.data_dir), args.subset)
+        train_x, test_x = train_x.to(device), test_x.to(device)
+        model = VAE(train_x.shape[1], args.latent_dim, args.decoder_std).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+        state = common.restore(previous, args, model, optimizer)
+        train_loss = torch.compile(loss_terms) if args.compile else loss_terms  # same function, fused kernels
+
+        for epoch in range(state['epoch'] + 1, args.epochs + 1):
+            start = time.time()
+            train_logs = train_epoch(model, optimizer, train_x, args, (epoch, args.epochs), train_loss)
+            seconds = time.time() - start
+            test = evaluate(model, test_x, args)
+            common.check_finite(train_logs, test, epoch, args, hint=NAN_HINT)
+            common.record(state, train_logs, test, seconds, len(train_x))
+            common.save_checkpoint(model, optimizer, args, 'vae_image', state)
+            common.print_epoch(state, args.epochs, test, seconds)
+
+        final = final_metrics(model, test_x, args)
+        title = f'vae_image on {args.dataset}'
+        with torch.no_grad():
+            kl = torch.cat([kl_per_dim(model, b) for b in test_x.split(500)]).mean(0)  # (N, z_dim) -> (z_dim,)
+        common.bar_chart(f'{args.out}/kl_per_dim.png', kl.tolist(), 'latent dimension', 'KL (nats)',
+                         f'{title}: KL per latent dimension')
+        draw_pictures(model, test_x, args.out, title)
+        return common.write_metrics(args, 'vae_image', state, final)
 
 
 if __name__ == '__main__':

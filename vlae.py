@@ -23,12 +23,15 @@ Run:
     python vlae.py --dataset cifar10 --data-dir ../shared/data --epochs 5
 Writes into results/vlae/<dataset>/ the same files as vae_image.py.
 """
+import time
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import vae_image
-from vae_image import LOG_2PI, gaussian_log_prob, reconstruction
+from vae_image import LOG_2PI, VAE, gaussian_log_prob, reconstruction
 
 
 class MaskedLinear(nn.Linear):
@@ -109,10 +112,33 @@ def kl_per_dim(model, x, samples=10):
 
 def main(argv=None):
     args = vae_image.parse_args(argv, script='vlae', doc=__doc__)
-    return vae_image.fit_and_report(
-        args, 'vlae', lambda channels: vae_image.VAE(channels, args.latent_dim, args.decoder_std,
-                                                     prior=FlowPrior(args.latent_dim)),
-        loss_terms, kl_per_dim)
+    with common.claim_out(args, 'vlae', argv, fixed=('latent_dim', 'decoder_std', 'subset')) as previous:
+        device = common.pick_device(args.device)
+        train_x, test_x = common.take_subset(*common.load_images(args.dataset, args.data_dir), args.subset)
+        train_x, test_x = train_x.to(device), test_x.to(device)
+        model = VAE(train_x.shape[1], args.latent_dim, args.decoder_std, prior=FlowPrior(args.latent_dim)).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+        state = common.restore(previous, args, model, optimizer)
+        train_loss = torch.compile(loss_terms) if args.compile else loss_terms  # same function, fused kernels
+
+        for epoch in range(state['epoch'] + 1, args.epochs + 1):  # the loop of vae_image.py, with this loss
+            start = time.time()
+            train_logs = vae_image.train_epoch(model, optimizer, train_x, args, (epoch, args.epochs), train_loss)
+            seconds = time.time() - start
+            test = vae_image.evaluate(model, test_x, args, loss_terms)
+            common.check_finite(train_logs, test, epoch, args, hint=vae_image.NAN_HINT)
+            common.record(state, train_logs, test, seconds, len(train_x))
+            common.save_checkpoint(model, optimizer, args, 'vlae', state)
+            common.print_epoch(state, args.epochs, test, seconds)
+
+        final = vae_image.final_metrics(model, test_x, args, loss_terms)
+        title = f'vlae on {args.dataset}'
+        with torch.no_grad():
+            kl = torch.cat([kl_per_dim(model, b) for b in test_x.split(500)]).mean(0)  # (N, z_dim) -> (z_dim,)
+        common.bar_chart(f'{args.out}/kl_per_dim.png', kl.tolist(), 'latent dimension', 'KL (nats)',
+                         f'{title}: KL per latent dimension (Monte Carlo, 10 samples)')
+        vae_image.draw_pictures(model, test_x, args.out, title)
+        return common.write_metrics(args, 'vlae', state, final)
 
 
 if __name__ == '__main__':

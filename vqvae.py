@@ -124,11 +124,11 @@ def usage_stats(counts):
 
 # ---------------------------------------------------------------------------------------------- train
 
-def train_epoch(model, optimizer, x, args, run, loss_fn=loss_terms):
+def train_epoch(model, optimizer, x, args, progress, loss_fn=loss_terms):
     model.train()
     logs, counts = [], torch.zeros(args.num_codes, dtype=torch.long, device=x.device)
-    for batch in run.batches(x, args.batch_size, shuffle=True):
-        with run.autocast():
+    for batch in common.batches(x, args.batch_size, shuffle=True, progress=progress):
+        with common.autocast(x.device, args.amp):
             terms, codes, z_e = loss_fn(model, batch, args.beta)
         optimizer.zero_grad(set_to_none=True)
         terms['loss'].backward()
@@ -152,12 +152,12 @@ def restart_dead_codes(model, counts, z_e):
 
 
 @torch.no_grad()
-def evaluate(model, x, args, run):
+def evaluate(model, x, args):
     """Mean test terms (weighted by batch size), plus perplexity and codes used over the whole set."""
     model.eval()
     totals, counts = {}, torch.zeros(args.num_codes, dtype=torch.long, device=x.device)
-    for batch in run.batches(x, args.batch_size, shuffle=False):
-        with run.autocast():
+    for batch in common.batches(x, args.batch_size, shuffle=False):
+        with common.autocast(x.device, args.amp):
             terms, codes, _ = loss_terms(model, batch, args.beta)
         for k, v in terms.items():
             totals[k] = totals.get(k, 0.0) + v.float() * len(batch)
@@ -167,33 +167,34 @@ def evaluate(model, x, args, run):
 
 def main(argv=None):
     args = parse_args(argv)
-    run = common.Run(args, 'vqvae', model_keys=('num_codes', 'code_dim'))
-    train_x, test_x = common.take_subset(*common.load_images(args.dataset, args.data_dir), args.subset)
-    train_x, test_x = train_x.to(run.device), test_x.to(run.device)
-    channels = train_x.shape[1]
-    model = VQVAE(channels, args.num_codes, args.code_dim).to(run.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    if args.resume or args.sample_only:
-        run.restore(model, optimizer)
-    train_loss = torch.compile(loss_terms) if args.compile else loss_terms  # same function, fused kernels
+    with common.claim_out(args, 'vqvae', argv, fixed=('num_codes', 'code_dim', 'beta', 'subset')) as previous:
+        device = common.pick_device(args.device)
+        train_x, test_x = common.take_subset(*common.load_images(args.dataset, args.data_dir), args.subset)
+        train_x, test_x = train_x.to(device), test_x.to(device)
+        model = VQVAE(train_x.shape[1], args.num_codes, args.code_dim).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+        state = common.restore(previous, args, model, optimizer)
+        train_loss = torch.compile(loss_terms) if args.compile else loss_terms  # same function, fused kernels
 
-    with run.interruptible():
-        for _ in run.epochs():
+        for epoch in range(state['epoch'] + 1, args.epochs + 1):
             start = time.time()
-            train_logs = train_epoch(model, optimizer, train_x, args, run, train_loss)
+            train_logs = train_epoch(model, optimizer, train_x, args, (epoch, args.epochs), train_loss)
             seconds = time.time() - start
-            run.end_epoch(train_logs, evaluate(model, test_x, args, run)[0], seconds, len(train_x), model,
-                          optimizer, channels=channels)
+            test = evaluate(model, test_x, args)[0]
+            common.check_finite(train_logs, test, epoch, args)
+            common.record(state, train_logs, test, seconds, len(train_x))
+            common.save_checkpoint(model, optimizer, args, 'vqvae', state, channels=train_x.shape[1])
+            common.print_epoch(state, args.epochs, test, seconds)
 
-    final, counts = evaluate(model, test_x, args, run)
-    title = f'vqvae on {args.dataset}'
-    with torch.no_grad():
-        x = test_x[:50]
-        pairs = torch.stack([x, model(x)[0]], dim=1).flatten(0, 1)  # (50, 2, C, H, W) -> (100, C, H, W)
-    common.image_grid(f'{args.out}/reconstructions.png', pairs, 10, f'{title}: test images beside reconstructions')
-    common.bar_chart(f'{args.out}/code_usage.png', counts.tolist(), 'code index', 'uses on the test set',
-                     f'{title}: code usage (perplexity {final["perplexity"]:.1f}, {final["codes_used"]} codes used)')
-    return run.finish(final)
+        final, counts = evaluate(model, test_x, args)
+        title = f'vqvae on {args.dataset}'
+        with torch.no_grad():
+            x = test_x[:50]
+            pairs = torch.stack([x, model(x)[0]], dim=1).flatten(0, 1)  # (50, 2, C, H, W) -> (100, C, H, W)
+        common.image_grid(f'{args.out}/reconstructions.png', pairs, 10, f'{title}: test images beside reconstructions')
+        common.bar_chart(f'{args.out}/code_usage.png', counts.tolist(), 'code index', 'uses on the test set',
+                         f'{title}: code usage (perplexity {final["perplexity"]:.1f}, {final["codes_used"]} codes used)')
+        return common.write_metrics(args, 'vqvae', state, final)
 
 
 if __name__ == '__main__':
