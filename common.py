@@ -81,7 +81,7 @@ def load_images(name, data_dir):
     """(train, test) float tensors (N, C, 32, 32) in [-1, 1] on the CPU, from <data-dir>/<name>.pkl in the
     course data.zip format if it is there, else from torchvision. MNIST is zero-padded from 28x28."""
     if os.path.isfile(data_dir):
-        fail(f'--data-dir {data_dir} is a file; pass the folder that holds it: --data-dir {os.path.dirname(data_dir) or "."}')
+        fail(f'--data-dir {data_dir} is a file; pass its folder: --data-dir {os.path.dirname(data_dir) or "."}')
     path = os.path.join(data_dir, f'{name}.pkl')
     arrays = _from_pickle(path) if os.path.exists(path) else _from_torchvision(name, data_dir)
     channels, size, tensors = IMAGE_CHANNELS[name], 28 if name == 'mnist' else 32, []
@@ -108,6 +108,7 @@ def take_subset(train, test, subset):
 
 
 # ---------------------------------------------------------------------------------------------------- options
+
 
 def positive(kind):
     def parse(text):
@@ -159,6 +160,7 @@ def autocast(device, enabled):  # bfloat16 autocast with --amp, else a no-op
 
 # ---------------------------------------------------------------------------------------------------- the run
 
+
 def _read_checkpoint(path, quiet=False):
     """The checkpoint at path, None if there is none; a damaged one stops the run (quiet: is None)."""
     try:
@@ -170,26 +172,23 @@ def _read_checkpoint(path, quiet=False):
 
 def _live_writer(lock):
     """The pid in a lock file if that process is alive, else None."""
-    try:
+    with contextlib.suppress(ValueError, ProcessLookupError, FileNotFoundError):
         pid = int(open(lock).read())
-        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+        with contextlib.suppress(PermissionError):  # it exists, run by another user
+            os.kill(pid, 0)  # signal 0 only asks whether the process exists
         return pid
-    except PermissionError:  # it exists, run by another user
-        return pid
-    except (ValueError, OSError):
-        return None
 
 
 @contextlib.contextmanager
 def claim_out(args, script, argv, fixed=()):
-    """Own --out for this run, or stop before touching it; yields the checkpoint there for --resume and
-    --sample-only (else None). A fresh run never replaces a trained model. One process writes a folder at a
-    time (a lock file with its pid; a dead process's lock is taken over). A resumed run keeps the options
-    in `fixed`, which define its model and objective. Ctrl-C anywhere exits 130 with one line naming the
-    epoch on disk. A run that fails before saving anything leaves no empty folders behind."""
+    """Own --out or stop before touching it; yields the checkpoint there for --resume / --sample-only (else
+    None). A fresh run never replaces a trained model; one process writes a folder at a time (a lock file
+    with its pid; a dead process's lock is taken over); a resumed run keeps the options in `fixed`; Ctrl-C
+    anywhere exits 130 with one line naming the epoch on disk; a failed start leaves no empty folders."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args.out = os.path.join('results', script, args.dataset) if args.out is None else args.out
-    path, lock, again = os.path.join(args.out, 'model.pt'), os.path.join(args.out, '.lock'), args.resume or args.sample_only
+    path, lock = os.path.join(args.out, 'model.pt'), os.path.join(args.out, '.lock')
+    again = args.resume or args.sample_only
     if not args.out or args.overwrite and again:
         fail("--out '' names no folder" if not args.out else '--overwrite cannot go with --resume or --sample-only')
     previous = None if args.overwrite else _read_checkpoint(path)
@@ -232,9 +231,10 @@ def claim_out(args, script, argv, fixed=()):
         flag = '--resume' if epoch is not None and epoch < args.epochs and not args.sample_only else '--sample-only'
         command = shlex.join([sys.executable, sys.argv[0] if sys.argv[0].endswith(f'{script}.py') else f'{script}.py']
                              + [a for a in argv if a not in ('--resume', '--overwrite', '--sample-only')] + [flag])
-        print(('\n' if sys.stdout.isatty() else '') + ('interrupted before the first epoch ended; nothing was saved'
-              if epoch is None else f'interrupted; {path} holds epoch {epoch} of {args.epochs}. '
-              f'{"Continue" if flag == "--resume" else "Redo the metrics and pictures"} with: {command}'), file=sys.stderr)
+        then = 'Continue' if flag == '--resume' else 'Redo the metrics and pictures'
+        print(('\n' if sys.stdout.isatty() else '') + (f'interrupted; {path} holds epoch {epoch} of {args.epochs}. '
+              f'{then} with: {command}' if epoch is not None else 'interrupted before the first epoch ended; nothing '
+              'was saved'), file=sys.stderr)
         raise SystemExit(130)
     finally:
         for leftover in (f'{path}.{os.getpid()}.tmp', lock):
@@ -275,8 +275,8 @@ def record(state, train_logs, test, seconds, examples):
         state['history']['train'].setdefault(k, []).extend(v.tolist())
     for k, v in test.items():
         state['history']['test'].setdefault(k, []).append(v)
-    state['epoch'], state['train_seconds'], state['train_examples'] = (
-        state['epoch'] + 1, state['train_seconds'] + seconds, state['train_examples'] + examples)
+    state.update(epoch=state['epoch'] + 1, train_seconds=state['train_seconds'] + seconds,
+                 train_examples=state['train_examples'] + examples)
 
 
 def save_checkpoint(model, optimizer, args, script, state, **extra):
@@ -342,6 +342,7 @@ def write_metrics(args, script, state, final, **extra):
 
 # ---------------------------------------------------------------------------------------------------- pictures
 
+
 def image_grid(path, images, nrow, title=None):
     """images: (N, C, H, W) in [-1, 1] -> one PNG, nrow images per row, 2-pixel white borders."""
     grid = torchvision.utils.make_grid(images.detach().float().cpu().clamp(-1, 1).add(1).div(2), nrow, pad_value=1)
@@ -366,8 +367,7 @@ def plot_curves(path, history, epochs, title):
         values = np.asarray(train + test, dtype=float)
         if values.min() > 0 and values.max() > 30 * values.min():  # early values dwarf the rest
             ax.set_yscale('log')
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel('epoch', fontsize=8)
+        ax.set(title=key, xlabel='epoch')
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     _save(fig, path)
@@ -376,8 +376,7 @@ def plot_curves(path, history, epochs, title):
 def bar_chart(path, values, xlabel, ylabel, title):
     fig, ax = plt.subplots(figsize=(max(3.0, 0.25 * len(values)), 2.8))
     ax.bar(np.arange(len(values)), np.asarray(values, dtype=float))
-    ax.set_xlabel(xlabel, fontsize=8)
-    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.set_title(title, fontsize=9)
     _save(fig, path)
 
