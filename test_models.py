@@ -225,19 +225,79 @@ def test_gradients_flow_where_the_loss_says():
     assert enc > 0 and book == 0
 
 
-def test_dead_codes_are_restarted(image_dir, tmp_path):
-    """A codebook whose codes sit far from every encoder output is unused; the restart brings them in."""
+def test_the_decoder_is_fed_the_quantised_vectors():
     torch.manual_seed(0)
     model = vqvae.VQVAE(3, num_codes=16, code_dim=16)
-    with torch.no_grad():
-        model.codebook.weight[1:] += 1000.0  # codes 1..15 can never be nearest: forced unused
-    x = common.load_images('cifar10', image_dir)[0][:32]
-    z_e = model.encoder(x).detach()
-    counts = torch.bincount(model.nearest_code(z_e).flatten(), minlength=16)
-    assert int((counts > 0).sum()) == 1
-    assert vqvae.restart_dead_codes(model, counts, z_e) == 15
-    counts = torch.bincount(model.nearest_code(z_e).flatten(), minlength=16)
-    assert int((counts > 0).sum()) > 8
+    seen = []
+    model.decoder.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach()))
+    _, z_e, z_q, _ = model(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert torch.allclose(seen[0], z_q, atol=1e-6) and not torch.allclose(seen[0], z_e, atol=1e-2)  # z_q, not z_e
+
+
+@pytest.mark.parametrize('codebook_loss', [True, False])
+def test_beta_multiplies_the_commitment_term_and_nothing_else(codebook_loss):
+    torch.manual_seed(0)
+    model = vqvae.VQVAE(3, num_codes=16, code_dim=16)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    a, _, _ = vqvae.loss_terms(model, x, 0.2, codebook_loss)
+    b, _, _ = vqvae.loss_terms(model, x, 0.7, codebook_loss)
+    for key in ('recon_mse', 'codebook', 'commitment'):
+        assert torch.equal(a[key], b[key])
+    assert torch.allclose(b['loss'] - a['loss'], 0.5 * a['commitment'])
+    codebook = a['codebook'] if codebook_loss else 0  # with an EMA codebook the term is reported, not trained
+    assert torch.allclose(a['loss'], a['recon_mse'] + codebook + 0.2 * a['commitment'])
+
+
+def test_ema_codebook_is_a_running_average():
+    """Three codes in 2D, three steps of assignments: the update against the same averages by hand."""
+    model = vqvae.VQVAE(1, num_codes=3, code_dim=2)
+    start = model.codebook.weight.detach().clone()
+    g, eps = 0.9, 1e-5
+    count, total = torch.ones(3), start.clone()  # by hand: N_i and m_i, starting as in the model
+    torch.manual_seed(0)
+    for _ in range(3):
+        z = torch.randn(5, 2)  # five encoder outputs...
+        codes = torch.tensor([0, 0, 2, 0, 2])  # ...assigned by hand; code 1 gets nothing
+        vqvae.ema_update(model, z.T.reshape(1, 2, 5, 1), codes.view(1, 5, 1), g, move_codes=True)
+        for i in range(3):
+            mine = [z[j] for j in range(5) if codes[j] == i]
+            count[i] = g * count[i] + (1 - g) * len(mine)
+            total[i] = g * total[i] + (1 - g) * (sum(mine) if mine else torch.zeros(2))
+    smoothed = (count + eps) / (count.sum() + 3 * eps) * count.sum()
+    assert torch.allclose(model.ema_count, count) and torch.allclose(model.codebook.weight, total / smoothed[:, None])
+    assert torch.allclose(model.codebook.weight[1], start[1], atol=1e-4)  # unused: m_1, N_1 decay together
+
+
+def test_a_restart_moves_dead_codes_apart_and_resets_their_adam_moments():
+    torch.manual_seed(0)
+    model = vqvae.VQVAE(3, num_codes=16, code_dim=8)
+    optimizer = torch.optim.Adam([model.codebook.weight], lr=1e-3)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    terms, codes, z_e = vqvae.loss_terms(model, x, 0.25)
+    terms['codebook'].backward()
+    optimizer.step()  # Adam now holds moments for every row
+    z_e = torch.zeros_like(z_e.detach())  # the worst case: every encoder output is the same vector
+    model.ema_count[:10] = 0.1  # codes 0..9 unused
+    before = model.codebook.weight.detach().clone()
+    sq_live = optimizer.state[model.codebook.weight]['exp_avg_sq'][10:].mean(0)
+    assert vqvae.restart_dead_codes(model, z_e, optimizer, threshold=1.0) == 10
+    w = model.codebook.weight
+    assert torch.cdist(w, w).add(torch.eye(16)).min() > 0  # no two codes equal
+    assert torch.equal(w[10:], before[10:]) and not torch.equal(w[:10], before[:10])
+    state = optimizer.state[w]
+    assert (state['exp_avg'][:10] == 0).all() and torch.allclose(state['exp_avg_sq'][:10], sq_live.expand(10, -1))
+    assert (model.ema_count >= 1.0).all()  # the restarted codes have time to be chosen
+
+
+def test_restarts_never_follow_an_epochs_last_step(monkeypatch):
+    calls = []
+    real = vqvae.restart_dead_codes
+    monkeypatch.setattr(vqvae, 'restart_dead_codes', lambda *a: calls.append(1) or real(*a))
+    model = vqvae.VQVAE(3, num_codes=8, code_dim=8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    args = vqvae.parse_args(['--batch-size', '4', '--num-codes', '8', '--restart-below', '1e9'])  # every code dead
+    logs = vqvae.train_epoch(model, optimizer, torch.rand(10, 3, 32, 32) * 2 - 1, args, (1, 1))
+    assert len(calls) == 2 and logs['restarts'].tolist() == [8, 0, 0]  # batches of 4, 4, 2: none after the last
 
 
 # ---------------------------------------------------------------------------------------------- priors
@@ -270,7 +330,7 @@ def test_prior_is_causal(arch):
 def test_vqvae_then_priors_end_to_end(image_dir, tmp_path):
     vq_out = str(tmp_path / 'vq')
     vqvae.main(['--dataset', 'cifar10', '--data-dir', image_dir, '--epochs', '2', '--batch-size', '16',
-                '--num-codes', '16', '--code-dim', '32', '--out', vq_out, '--restart-dead-codes', '--amp'])
+                '--num-codes', '16', '--code-dim', '32', '--out', vq_out, '--amp'])
     for name in ('reconstructions.png', 'code_usage.png', 'curves.png', 'metrics.json', 'model.pt'):
         assert os.path.getsize(os.path.join(vq_out, name)) > 0, name
     m = read_metrics(vq_out)
@@ -287,6 +347,43 @@ def test_vqvae_then_priors_end_to_end(image_dir, tmp_path):
         f = read_metrics(out)['final_test']
         assert 0 < f['nll'] < math.log(16) + 0.5 and f['bits_per_code'] == pytest.approx(f['nll'] / math.log(2))
         assert f['bits_per_dim'] > 0 and read_metrics(out)['sample_seconds_100'] > 0
+
+
+def test_sampling_at_a_tiny_temperature_takes_the_argmax_in_raster_order():
+    torch.manual_seed(0)
+    prior = pixelcnn_prior.ARCHS['gated'](num_codes=10, hidden=8, layers=4)
+    codes = pixelcnn_prior.sample(prior, 3, (4, 4), 1e-6, 'cpu')
+    with torch.no_grad():
+        for p in range(16):  # position by position: the most likely code given the codes drawn before it
+            i, j = divmod(p, 4)
+            earlier = codes.clone().view(3, 16)
+            earlier[:, p:] = 0  # what the sampler had when it drew position p
+            assert torch.equal(prior(earlier.view(3, 4, 4))[:, :, i, j].argmax(1), codes[:, i, j])
+
+
+def test_vq_and_prior_bound_by_hand(image_dir, tmp_path):
+    """-log p(x) <= -log N(x; x_hat(z_q), s^2 I) - sum_i log p(c_i | c_<i), recomputed with torch.distributions
+    and a loop over the 64 positions, against what pixelcnn_prior.py reports."""
+    vq_out, out = str(tmp_path / 'vq'), str(tmp_path / 'prior')
+    vqvae.main(['--dataset', 'cifar10', '--data-dir', image_dir, '--epochs', '1', '--batch-size', '16',
+                '--num-codes', '8', '--code-dim', '16', '--out', vq_out])
+    f = pixelcnn_prior.main(['--dataset', 'cifar10', '--data-dir', image_dir, '--vqvae', vq_out + '/model.pt',
+                             '--epochs', '1', '--batch-size', '16', '--hidden', '8', '--layers', '2',
+                             '--decoder-std', '0.5', '--out', out])['final_test']
+    args = pixelcnn_prior.parse_args(['--dataset', 'cifar10', '--vqvae', vq_out + '/model.pt'])
+    vq, _ = pixelcnn_prior.load_vqvae(args, 'cpu')
+    ckpt = torch.load(out + '/model.pt', weights_only=True)
+    prior = pixelcnn_prior.ARCHS['gated'](8, 8, 2)
+    prior.load_state_dict(ckpt['model'])
+    x = common.load_images('cifar10', image_dir)[1]  # the 16 test images
+    with torch.no_grad():
+        x_hat, _, _, codes = vq(x)
+        recon = -torch.distributions.Normal(x_hat, 0.5).log_prob(x).flatten(1).sum(1)  # (16,)
+        log_p = torch.log_softmax(prior(codes), dim=1)  # (16, K, 8, 8)
+        prior_nll = -sum(log_p[n, codes[n, i, j], i, j] for n in range(16) for i in range(8) for j in range(8)) / 16
+    bound = recon.mean() + prior_nll
+    assert f['neg_log_px_bound'] == pytest.approx(float(bound), rel=1e-4)
+    assert f['bits_per_dim'] == pytest.approx(float(bound / 3072 / math.log(2) + math.log2(127.5)), rel=1e-4)
 
 
 def test_prior_without_vqvae_says_what_to_run(image_dir, tmp_path):

@@ -13,20 +13,40 @@ Loss (their eq. 3; sg = stop-gradient), each term a mean over its elements, as i
          + beta ||z_e - sg[e]||^2      commitment: keeps the encoder near its codes so z_e cannot drift
 beta = 0.25, the paper's value (they found results robust for beta in 0.1 to 2.0).
 
+Two ways to learn the codebook (--codebook), side by side. With n_i encoder outputs z_j assigned to code
+i in a batch:
+    loss   e_i <- e_i - Adam step of d/de_i ||sg[z_e] - e||^2         (eq. 3 above: the paper's main text)
+    ema    N_i <- g N_i + (1 - g) n_i                                  (appendix A.1, decay g = 0.99;
+           m_i <- g m_i + (1 - g) sum_{j -> i} z_j                      no codebook term in the loss)
+           e_i  = m_i / N~_i,   N~_i = (N_i + eps) / (N + K eps) N,   N = sum_i N_i  (Laplace smoothing)
+Why ema is the default: Adam moves each code by about --lr per step whatever its gradient, while the
+encoder's outputs grow by a factor 10 in the first 50 steps (measured: RMS 0.7 -> 8.4). Codes starting
+at +-1/K cannot follow; the few that happen to be nearest take every input and the rest die (17 of 128
+used after 2 epochs). The moving average puts each code at the mean of what it was assigned, at once.
+
+Two more remedies for dead codes, both measured in the README:
+    --init kmeans++      the codebook starts as k-means++ seeds (Arthur & Vassilvitskii, 2007) among the
+                         encoder outputs of 1,024 training images, instead of uniform in +-1/K (the course's)
+    --restart-below N    during training, a code whose moving-average use N_i falls below N encoder outputs
+                         per batch moves to a distinct encoder output of the current batch (plus a little
+                         noise); its Adam moments are reset. Never on an epoch's last step, so every
+                         reported number comes after training steps.
+
 The VQ-VAE has a uniform prior over codes during training, so its loss is not a likelihood; fitting a
 prior over the codes afterwards is the job of pixelcnn_prior.py, which reads this script's model.pt.
 
 Also reported on the test set: perplexity = exp(entropy of code usage) (K if all codes were used
 equally, 1 if one code did everything), and codes_used, the number of codes chosen at least once.
-`--restart-dead-codes` re-initialises, after each epoch, every code unused in that epoch with a random
-recent encoder output, a common remedy for codebook collapse.
 
 Run:
     python vqvae.py --dataset svhn                 # 20 epochs; then: python pixelcnn_prior.py --dataset svhn
     python vqvae.py --dataset cifar10 --data-dir ../shared/data
+    python vqvae.py --dataset cifar10 --data-dir ../shared/data --codebook loss --init uniform --beta 1 \\
+        --clip-grad 1 --restart-below 0 --out results/vqvae/cifar10_course     # the course's recipe
 Writes into results/vqvae/<dataset>/: reconstructions.png, code_usage.png, curves.png, metrics.json,
 model.pt.
 """
+import math
 import time
 
 import torch
@@ -48,10 +68,25 @@ def parse_args(argv=None):
                    help="code vector size D, also the network's width; 256 as in the course")
     p.add_argument('--beta', type=common.positive(float), default=0.25,
                    help="commitment weight; 0.25 is the paper's value, robust from 0.1 to 2.0 (van den Oord et "
-                        "al., 2017, sec. 3.2)")
-    p.add_argument('--restart-dead-codes', action='store_true',
-                   help='after each epoch, move codes that no input chose to random recent encoder outputs')
-    return p.parse_args(argv)
+                        "al., 2017, sec. 3.2); the course uses 1")
+    p.add_argument('--codebook', choices=['ema', 'loss'], default='ema',
+                   help="ema: codes are moving averages of their encoder outputs (paper, appendix A.1); loss: "
+                        "codes learn by Adam from the codebook term (eq. 3, the course's). ema is the default: "
+                        "it uses the whole codebook where loss collapses (README, VQ-VAE)")
+    p.add_argument('--ema-decay', type=common.positive(float), default=0.99,
+                   help="decay g of the moving averages (codes and usage); 0.99 as in the paper")
+    p.add_argument('--init', choices=['kmeans++', 'uniform'], default='kmeans++',
+                   help="codebook start: k-means++ seeds among encoder outputs (default), or uniform in +-1/K "
+                        "(the course's)")
+    p.add_argument('--restart-below', type=float, default=1.0,
+                   help="move a code whose moving-average use falls below this many encoder outputs per batch "
+                        "(of 8,192 at batch 128) to a fresh encoder output; 0 turns restarts off")
+    p.add_argument('--clip-grad', type=float, default=0.0,
+                   help="clip the gradient norm at this value, 0 for none (the course clips at 1)")
+    args = p.parse_args(argv)
+    if not 0 < args.ema_decay < 1:
+        p.error(f'argument --ema-decay: must be between 0 and 1, got {args.ema_decay}')
+    return args
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -79,6 +114,10 @@ class VQVAE(nn.Module):
             nn.ConvTranspose2d(code_dim, channels, 4, 2, 1))                                        # -> 32x32
         self.codebook = nn.Embedding(num_codes, code_dim)
         nn.init.uniform_(self.codebook.weight, -1 / num_codes, 1 / num_codes)  # the course's init
+        # Moving averages: N_i, the use of each code (for --codebook ema and for restarts), and m_i, the
+        # sum of its encoder outputs (ema only). They start as if each code had been given itself once.
+        self.register_buffer('ema_count', torch.ones(num_codes))
+        self.register_buffer('ema_sum', self.codebook.weight.detach().clone())
 
     def nearest_code(self, z_e):
         """(B, D, H, W) -> code indices (B, H, W), by one matrix product:
@@ -102,16 +141,21 @@ class VQVAE(nn.Module):
         return x_hat, z_e, z_q, codes
 
 
+def flatten_grid(z):
+    return z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (B, D, H, W) -> (B*H*W, D), fp32
+
+
 # ---------------------------------------------------------------------------------------------- loss
 
-def loss_terms(model, x, beta):
-    """The VQ-VAE loss and its terms (van den Oord et al., 2017, eq. 3), each a mean over elements."""
+def loss_terms(model, x, beta, codebook_loss=True):
+    """The VQ-VAE loss and its terms (van den Oord et al., 2017, eq. 3), each a mean over elements. With
+    an EMA codebook (codebook_loss=False) the codebook term is reported but is not part of the loss."""
     x_hat, z_e, z_q, codes = model(x)
     recon = F.mse_loss(x_hat, x)                  # ||x - x_hat||^2
     codebook = F.mse_loss(z_q, z_e.detach())      # ||sg[z_e] - e||^2: only the codebook learns from it
     commitment = F.mse_loss(z_e, z_q.detach())    # ||z_e - sg[e]||^2: only the encoder learns from it
-    terms = {'loss': recon + codebook + beta * commitment, 'recon_mse': recon, 'codebook': codebook,
-             'commitment': commitment}
+    loss = recon + beta * commitment + (codebook if codebook_loss else 0)
+    terms = {'loss': loss, 'recon_mse': recon, 'codebook': codebook, 'commitment': commitment}
     return terms, codes, z_e
 
 
@@ -122,33 +166,85 @@ def usage_stats(counts):
     return {'perplexity': float(entropy.exp()), 'codes_used': int((counts > 0).sum())}
 
 
-# ---------------------------------------------------------------------------------------------- train
+# ---------------------------------------------------------------------------------------------- the codebook
 
-def train_epoch(model, optimizer, x, args, progress, loss_fn=loss_terms):
-    model.train()
-    logs, counts = [], torch.zeros(args.num_codes, dtype=torch.long, device=x.device)
-    for batch in common.batches(x, args.batch_size, shuffle=True, progress=progress):
-        with common.autocast(x.device, args.amp):
-            terms, codes, z_e = loss_fn(model, batch, args.beta)
-        optimizer.zero_grad(set_to_none=True)
-        terms['loss'].backward()
-        optimizer.step()
-        logs.append(torch.stack([t.detach().float() for t in terms.values()]))  # stays on the device: no sync
-        counts += torch.bincount(codes.flatten(), minlength=args.num_codes)
-    if args.restart_dead_codes:
-        restart_dead_codes(model, counts, z_e.detach())
-    return dict(zip(terms, torch.stack(logs).T))  # {term: (n_batches,)}
+@torch.no_grad()
+def ema_update(model, z_e, codes, decay, move_codes, eps=1e-5):
+    """One step of the moving averages (appendix A.1; see the docstring at the top). The use N_i is kept
+    for both kinds of codebook (restarts read it); the codes themselves move only when move_codes."""
+    flat, k = flatten_grid(z_e), model.ema_count.numel()
+    onehot = F.one_hot(codes.flatten(), k).float()  # (B*H*W, K): which code each encoder output chose
+    model.ema_count.mul_(decay).add_(onehot.sum(0), alpha=1 - decay)  # N_i <- g N_i + (1 - g) n_i
+    if move_codes:
+        model.ema_sum.mul_(decay).add_(onehot.T @ flat, alpha=1 - decay)  # m_i <- g m_i + (1 - g) sum z_j
+        n = model.ema_count.sum()
+        smoothed = (model.ema_count + eps) / (n + k * eps) * n  # no division by zero for an unused code
+        model.codebook.weight.copy_(model.ema_sum / smoothed[:, None])  # e_i = m_i / N~_i
 
 
 @torch.no_grad()
-def restart_dead_codes(model, counts, z_e):
-    """Codes that no input chose this epoch get no gradient and would stay dead: move each onto a
-    random encoder output from the last batch, where the data is."""
-    dead = (counts == 0).nonzero().flatten()
-    flat = z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])  # (B, D, H, W) -> (B*H*W, D)
-    pick = torch.randint(len(flat), (len(dead),), device=flat.device)
-    model.codebook.weight[dead] = flat[pick].to(model.codebook.weight.dtype)  # z_e is bfloat16 under --amp
+def kmeans_pp_init(model, z_e):
+    """k-means++ seeding (Arthur & Vassilvitskii, 2007): the first code is a random encoder output, each
+    next one an output drawn with probability proportional to its squared distance from the codes chosen
+    so far. The codebook starts spread over where the encoder's outputs are."""
+    flat = flatten_grid(z_e)  # (N, D)
+    chosen = [int(torch.randint(len(flat), ()))]
+    d2 = (flat - flat[chosen[0]]).pow(2).sum(1)  # squared distance to the nearest chosen code
+    for _ in range(model.ema_count.numel() - 1):
+        chosen.append(int(torch.multinomial(d2 + 1e-12, 1)))  # + 1e-12: all-equal outputs still draw
+        d2 = torch.minimum(d2, (flat - flat[chosen[-1]]).pow(2).sum(1))
+    model.codebook.weight.copy_(flat[chosen])
+    model.ema_sum.copy_(flat[chosen] * model.ema_count[:, None])
+
+
+@torch.no_grad()
+def restart_dead_codes(model, z_e, optimizer, threshold, noise=0.01):
+    """Codes whose moving-average use N_i fell below `threshold` are nearest to nothing: they get no
+    gradient and no EMA update and would stay dead. Move each to a distinct encoder output of this batch
+    (plus noise, a hundredth of the outputs' spread, so no two codes are equal), give it the use of an
+    average code (at least twice the threshold) so it has time to be chosen, and reset its Adam moments
+    (--codebook loss): the first to zero, the second to the live codes' average, so that its next steps
+    are of the usual size."""
+    live = model.ema_count >= threshold
+    dead = (~live).nonzero().flatten()
+    if len(dead) == 0:
+        return 0
+    flat = flatten_grid(z_e)  # (N, D)
+    picks = flat[torch.randperm(len(flat), device=flat.device)[:len(dead)]]  # distinct rows of this batch
+    new = picks + noise * flat.std().clamp_min(1e-3) * torch.randn_like(picks)  # apart even if outputs are equal
+    model.codebook.weight[dead] = new
+    model.ema_count[dead] = max(float(model.ema_count.mean()), 2 * threshold)  # not dead again at the next step
+    model.ema_sum[dead] = new * model.ema_count[dead, None]
+    state = optimizer.state.get(model.codebook.weight, {})
+    if 'exp_avg' in state:
+        state['exp_avg'][dead] = 0
+        state['exp_avg_sq'][dead] = state['exp_avg_sq'][live].mean(0) if live.any() else 0
     return len(dead)
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+def train_epoch(model, optimizer, x, args, progress, loss_fn=loss_terms):
+    """One pass over x. After each optimizer step: the moving averages, then restarts (never on the
+    epoch's last step). Returns {term: per-batch values}, restarts included."""
+    model.train()
+    logs = []
+    n_batches = math.ceil(len(x) / args.batch_size)
+    for i, batch in enumerate(common.batches(x, args.batch_size, shuffle=True, progress=progress)):
+        with common.autocast(x.device, args.amp):
+            terms, codes, z_e = loss_fn(model, batch, args.beta, args.codebook == 'loss')
+        optimizer.zero_grad(set_to_none=True)
+        terms['loss'].backward()
+        if args.clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        optimizer.step()
+        ema_update(model, z_e.detach(), codes, args.ema_decay, move_codes=args.codebook == 'ema')
+        restarted = 0
+        if args.restart_below > 0 and i < n_batches - 1:
+            restarted = restart_dead_codes(model, z_e.detach(), optimizer, args.restart_below)
+        terms['restarts'] = torch.tensor(float(restarted), device=x.device)
+        logs.append(torch.stack([t.detach().float() for t in terms.values()]))  # stays on the device: no sync
+    return dict(zip(terms, torch.stack(logs).T))  # {term: (n_batches,)}
 
 
 @torch.no_grad()
@@ -158,7 +254,7 @@ def evaluate(model, x, args):
     totals, counts = {}, torch.zeros(args.num_codes, dtype=torch.long, device=x.device)
     for batch in common.batches(x, args.batch_size, shuffle=False):
         with common.autocast(x.device, args.amp):
-            terms, codes, _ = loss_terms(model, batch, args.beta)
+            terms, codes, _ = loss_terms(model, batch, args.beta, args.codebook == 'loss')
         for k, v in terms.items():
             totals[k] = totals.get(k, 0.0) + v.float() * len(batch)
         counts += torch.bincount(codes.flatten(), minlength=args.num_codes)
@@ -167,13 +263,19 @@ def evaluate(model, x, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    with common.claim_out(args, 'vqvae', argv, fixed=('num_codes', 'code_dim', 'beta', 'subset')) as previous:
+    fixed = ('num_codes', 'code_dim', 'beta', 'codebook', 'subset')  # what defines the model and its objective
+    with common.claim_out(args, 'vqvae', argv, fixed) as previous:
         device = common.pick_device(args.device)
         train_x, test_x = common.take_subset(*common.load_images(args.dataset, args.data_dir), args.subset)
         train_x, test_x = train_x.to(device), test_x.to(device)
         model = VQVAE(train_x.shape[1], args.num_codes, args.code_dim).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+        if args.codebook == 'ema':
+            model.codebook.weight.requires_grad_(False)  # moved by ema_update, not by the optimizer
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
         state = common.restore(previous, args, model, optimizer)
+        if previous is None and args.init == 'kmeans++':
+            with torch.no_grad(), common.autocast(device, args.amp):
+                kmeans_pp_init(model, model.encoder(train_x[torch.randperm(len(train_x))[:1024]]))
         train_loss = torch.compile(loss_terms) if args.compile else loss_terms  # same function, fused kernels
 
         for epoch in range(state['epoch'] + 1, args.epochs + 1):
