@@ -8,11 +8,13 @@ import math
 import os
 import pickle
 import shlex
+import struct
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import scipy.io
 import torch
 
 import common
@@ -99,6 +101,60 @@ def test_data_zip_loader(tmp_path):
     x, _ = common.load_images('mnist', str(tmp_path))
     assert x.shape == (2, 1, 32, 32)
     assert (x[:, :, 2:30, 2:30] == 1).all() and (x[:, :, :2] == -1).all()  # zero-padded to 32x32
+
+
+def write_torchvision_files(root, name, train, test):
+    """Tiny copies of the files torchvision downloads, in its own formats: SVHN's .mat (X as (H, W, C, N)),
+    CIFAR-10's pickled batches (rows of 3072 bytes, channel-major) and MNIST's raw idx files."""
+    if name == 'svhn':
+        for split, a in (('train', train), ('test', test)):
+            scipy.io.savemat(root / f'{split}_32x32.mat', {'X': a.transpose(1, 2, 3, 0), 'y': np.ones((len(a), 1))})
+    elif name == 'cifar10':
+        folder = root / 'cifar-10-batches-py'
+        folder.mkdir()
+        parts = [(f'data_batch_{i + 1}', part) for i, part in enumerate(np.array_split(train, 5))]
+        for file, a in parts + [('test_batch', test)]:
+            with open(folder / file, 'wb') as f:
+                pickle.dump({'data': a.transpose(0, 3, 1, 2).reshape(len(a), -1), 'labels': [0] * len(a)}, f)
+        with open(folder / 'batches.meta', 'wb') as f:
+            pickle.dump({'label_names': ['airplane']}, f)
+    else:
+        raw = root / 'MNIST' / 'raw'
+        raw.mkdir(parents=True)
+        for prefix, a in (('train', train), ('t10k', test)):
+            (raw / f'{prefix}-images-idx3-ubyte').write_bytes(struct.pack('>IIII', 2051, len(a), 28, 28) + a.tobytes())
+            (raw / f'{prefix}-labels-idx1-ubyte').write_bytes(struct.pack('>II', 2049, len(a)) + bytes(len(a)))
+
+
+@pytest.mark.parametrize('name', ['svhn', 'cifar10', 'mnist'])
+def test_torchvision_formats_offline(name, tmp_path, monkeypatch):
+    """The path a user without the course's .pkl takes: torchvision's own files, read offline (only the
+    md5 check is bypassed; nothing is downloaded), then one tiny end-to-end run."""
+    import torchvision.datasets.cifar
+    import torchvision.datasets.svhn
+    import torchvision.datasets.utils  # SVHN's download() asks download_url, which checks the md5 itself
+    for module in (torchvision.datasets.cifar, torchvision.datasets.svhn, torchvision.datasets.utils):
+        monkeypatch.setattr(module, 'check_integrity', lambda path, md5=None: os.path.isfile(path))
+    size, channels = (28, 1) if name == 'mnist' else (32, 3)
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 100, (20, size, size, channels), dtype=np.uint8)
+    test = rng.integers(0, 100, (10, size, size, channels), dtype=np.uint8)
+    train[3, 4, 7, channels - 1] = 255  # one marked pixel: image 3, row 4, column 7, last channel
+    test[2, 9, 1, 0] = 200
+    data = tmp_path / 'data'
+    data.mkdir()
+    write_torchvision_files(data, name, train[..., 0] if name == 'mnist' else train,
+                            test[..., 0] if name == 'mnist' else test)
+    x, y = common.load_images(name, str(data))
+    pad = (32 - size) // 2  # MNIST sits zero-padded in the middle of a 32x32 frame
+    assert x.shape == (20, channels, 32, 32) and y.shape == (10, channels, 32, 32) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() == 1.0 and x[3, channels - 1, 4 + pad, 7 + pad] == 1.0
+    assert y[2, 0, 9 + pad, 1 + pad] == pytest.approx(200 / 127.5 - 1)
+    expected = torch.from_numpy(train).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, H, W, C) -> (N, C, H, W)
+    assert torch.equal(x[:, :, pad:pad + size, pad:pad + size], expected)  # every pixel where it went in
+    m = vae_image.main(['--dataset', name, '--data-dir', str(data), '--epochs', '1', '--batch-size', '8',
+                        '--iw-samples', '2', '--iw-examples', '4', '--out', str(tmp_path / 'run')])
+    assert m['final_test']['mse'] > 0 and m['dataset'] == name
 
 
 class Hostile:
