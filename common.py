@@ -323,7 +323,8 @@ def print_epoch(state, epochs, test, seconds):
     """One line per epoch (what a log file or CI sees), with the time the remaining epochs should take."""
     shown = '  '.join(f'{k} {v:.4g}' for k, v in list(test.items())[:4])
     left = f', about {clock(seconds * (epochs - state["epoch"]))} left' if state['epoch'] < epochs else ''
-    print(f'\repoch {state["epoch"]}/{epochs}  test {shown}  ({seconds:.1f}s{left})', flush=True)
+    clear = '\r\033[K' if sys.stdout.isatty() else ''  # wipe the progress line on a terminal
+    print(f'{clear}epoch {state["epoch"]}/{epochs}  test {shown}  ({seconds:.1f}s{left})', flush=True)
 
 
 def write_metrics(args, script, state, final, **extra):

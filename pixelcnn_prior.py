@@ -36,6 +36,7 @@ metrics.json, model.pt.
 import hashlib
 import math
 import os
+import sys
 import time
 
 import torch
@@ -254,13 +255,16 @@ def evaluate(prior, codes, args):
 
 @torch.no_grad()
 def sample(prior, n, shape, temperature, device):
-    """Draw n grids in raster order: one network pass per position."""
+    """Draw n grids in raster order: one network pass per position (a progress line on a terminal)."""
     prior.eval()
     codes = torch.zeros(n, *shape, dtype=torch.long, device=device)
     for i in range(shape[0]):
         for j in range(shape[1]):
             logits = prior(codes)[:, :, i, j] / temperature  # (n, K): only c_<(i,j) has influenced it
             codes[:, i, j] = torch.multinomial(F.softmax(logits, dim=1), 1).squeeze(1)
+            if sys.stdout.isatty():
+                print(f'\rsampling {n} grids at T = {temperature}: position {i * shape[1] + j + 1}/{codes[0].numel()}',
+                      end='\r\033[K' if i * shape[1] + j + 1 == codes[0].numel() else '', flush=True)
     return codes
 
 
