@@ -270,7 +270,8 @@ def sample(prior, n, shape, temperature, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    fixed = ('arch', 'hidden', 'layers', 'decoder_std', 'subset', 'vqvae_sha256')  # the same prior over the same codes
+    fixed = ('arch', 'hidden', 'layers', 'subset', 'vqvae_sha256')  # the same prior over the same codes; --decoder-std
+    # only changes the reported bound, so --sample-only --decoder-std 0.1 re-evaluates a trained prior
     with common.claim_out(args, 'pixelcnn_prior', argv, fixed) as previous:
         device = common.pick_device(args.device)
         vq, vq_cfg = load_vqvae(args, device)

@@ -21,8 +21,8 @@ i in a batch:
            e_i  = m_i / N~_i,   N~_i = (N_i + eps) / (N + K eps) N,   N = sum_i N_i  (Laplace smoothing)
 Why ema is the default: Adam moves each code by about --lr per step whatever its gradient, while the
 encoder's outputs grow by a factor 10 in the first 50 steps (measured: RMS 0.7 -> 8.4). Codes starting
-at +-1/K cannot follow; the few that happen to be nearest take every input and the rest die (17 of 128
-used after 2 epochs). The moving average puts each code at the mean of what it was assigned, at once.
+at +-1/K cannot follow; the few that happen to be nearest take every input and the rest die (15 of 128
+used after 2 epochs at beta 0.25). The moving average puts each code at the mean of its inputs, at once.
 
 Two more remedies for dead codes, both measured in the README:
     --init kmeans++      the codebook starts as k-means++ seeds (Arthur & Vassilvitskii, 2007) among the
