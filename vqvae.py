@@ -73,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument('--codebook', choices=['ema', 'loss'], default='ema',
                    help="ema: codes are moving averages of their encoder outputs (paper, appendix A.1); loss: "
                         "codes learn by Adam from the codebook term (eq. 3, the course's). ema is the default: "
-                        "it uses the whole codebook where loss collapses (README, VQ-VAE)")
+                        "with the two options below it uses the whole codebook (README, VQ-VAE)")
     p.add_argument('--ema-decay', type=common.positive(float), default=0.99,
                    help="decay g of the moving averages (codes and usage); 0.99 as in the paper")
     p.add_argument('--init', choices=['kmeans++', 'uniform'], default='kmeans++',
