@@ -22,7 +22,9 @@ i in a batch:
 Why ema is the default: Adam moves each code by about --lr per step whatever its gradient, while the
 encoder's outputs grow by a factor 10 in the first 50 steps (measured: RMS 0.7 -> 8.4). Codes starting
 at +-1/K cannot follow; the few that happen to be nearest take every input and the rest die (15 of 128
-used after 2 epochs at beta 0.25). The moving average puts each code at the mean of its inputs, at once.
+used after 2 epochs at beta 0.25). The moving average puts each code at the mean of its inputs at once;
+alone it still leaves the codes that nothing chose dead, hence the two remedies below, all three on by
+default (each alone fails: README, VQ-VAE).
 
 Two more remedies for dead codes, both measured in the README:
     --init kmeans++      the codebook starts as k-means++ seeds (Arthur & Vassilvitskii, 2007) among the
