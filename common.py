@@ -212,9 +212,9 @@ def claim_out(args, script, argv, fixed=()):
         created, folder = created + [folder], os.path.dirname(folder)
     try:
         os.makedirs(args.out, exist_ok=True)
-        if _live_writer(lock):
-            fail(f'{args.out} is being written by another run (pid {_live_writer(lock)}); wait for it, or use '
-                 f'another --out')
+        writer = _live_writer(lock)
+        if writer:
+            fail(f'{args.out} is being written by another run (pid {writer}); wait for it, or use another --out')
         with open(f'{lock}.{os.getpid()}', 'w') as f:  # written whole, then renamed: a lock is never half-written
             f.write(str(os.getpid()))
         os.replace(f'{lock}.{os.getpid()}', lock)
