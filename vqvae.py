@@ -95,6 +95,11 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------------------------- model
 
+def flatten_grid(z):
+    """One row per grid cell, in fp32 even under --amp (bf16 rounding would pick wrong codes)."""
+    return z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (B, D, H, W) -> (B*H*W, D), fp32
+
+
 class ResBlock(nn.Module):
     def __init__(self, dim):
         super().__init__()
@@ -126,8 +131,8 @@ class VQVAE(nn.Module):
     def nearest_code(self, z_e):
         """(B, D, H, W) -> code indices (B, H, W), by one matrix product:
         ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2."""
-        b, d, h, w = z_e.shape
-        flat = z_e.float().permute(0, 2, 3, 1).reshape(-1, d)  # (B, D, H, W) -> (B*H*W, D), fp32 even with --amp
+        b, _, h, w = z_e.shape
+        flat = flatten_grid(z_e)  # (B*H*W, D)
         e = self.codebook.weight  # (K, D)
         with torch.autocast(z_e.device.type, enabled=False):  # bf16 rounding would pick wrong codes
             dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.T + e.pow(2).sum(1)  # (B*H*W, K)
@@ -143,10 +148,6 @@ class VQVAE(nn.Module):
         z_q = self.lookup(codes)
         x_hat = self.decoder(z_e + (z_q - z_e).detach())  # straight-through: forward z_q, gradient to z_e
         return x_hat, z_e, z_q, codes
-
-
-def flatten_grid(z):
-    return z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (B, D, H, W) -> (B*H*W, D), fp32
 
 
 # ---------------------------------------------------------------------------------------------- loss
