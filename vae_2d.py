@@ -73,8 +73,17 @@ class VAE2d(nn.Module):
 
 
 def gaussian_log_prob(x, mu, logvar):
-    """log N(x; mu, diag exp(logvar)), summed over the last dimension: one number per example."""
+    """log N(x; mu, diag exp(logvar)), summed over the last dimension: one number per example.
+    The one Gaussian log-density of the project: vae_image.py and vlae.py import it."""
     return -0.5 * (LOG_2PI + logvar + (x - mu) ** 2 / logvar.exp()).sum(-1)
+
+
+def reparameterise(mu, logvar, samples=None):
+    """z = mu + sigma * eps with eps ~ N(0, I): a draw from N(mu, diag exp(logvar)) that gradients flow
+    through to mu and sigma (the reparameterisation trick, Kingma & Welling, 2014, sec. 2.4).
+    `samples` draws at once: (samples, *mu.shape)."""
+    shape = mu.shape if samples is None else (samples, *mu.shape)
+    return mu + (0.5 * logvar).exp() * torch.randn(shape, device=mu.device, dtype=mu.dtype)
 
 
 def kl_standard_normal(mu, logvar):
@@ -85,7 +94,7 @@ def kl_standard_normal(mu, logvar):
 def loss_terms(model, x):
     """Negative ELBO of a batch and its two terms, in nats per example (sum over dims, mean over batch)."""
     mu, logvar = model.encode(x)
-    z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)  # reparameterisation: gradients flow to mu, sigma
+    z = reparameterise(mu, logvar)
     recon = -gaussian_log_prob(x, *model.decode(z))  # -log p(x|z), Kingma & Welling (2014) eq. 10
     kl = kl_standard_normal(mu, logvar).sum(-1)
     return {'neg_elbo': (recon + kl).mean(), 'recon': recon.mean(), 'kl': kl.mean()}
@@ -123,7 +132,7 @@ def iw_nll(model, x, k, chunk=100):
     log_sum_w = torch.full((len(x),), -math.inf, device=x.device)
     for first in range(0, k, chunk):
         n = min(chunk, k - first)
-        z = mu + (0.5 * logvar).exp() * torch.randn(n, *mu.shape, device=x.device)  # (n, B, z_dim)
+        z = reparameterise(mu, logvar, samples=n)  # (n, B, z_dim)
         log_w = (gaussian_log_prob(x, *model.decode(z))                         # log p(x|z_k)
                  + gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))  # + log p(z_k)
                  - gaussian_log_prob(z, mu, logvar))                              # - log q(z_k|x)   -> (n, B)
@@ -180,7 +189,7 @@ def main(argv=None):
         kl_per_dim, final['active_units'] = latent_usage(model, test_x)
         with torch.no_grad():  # 1,000 samples: z ~ p(z), then x ~ p(x|z) (with noise) or x = mu(z) (without)
             mu, logvar = model.decode(torch.randn(1000, model.z_dim, device=device))
-            noisy = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
+            noisy = reparameterise(mu, logvar)  # x ~ p(x|z): the decoder's noise added to its mean
         scatter_2d(f'{args.out}/samples.png', {'data (test)': test_x[:1000], 'samples, with decoder noise': noisy,
                                                'samples, decoder mean only': mu}, f'vae_2d on {args.dataset}')
         common.bar_chart(f'{args.out}/kl_per_dim.png', kl_per_dim.tolist(), 'latent dimension', 'KL (nats)',

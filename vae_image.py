@@ -21,7 +21,9 @@ penalised too. The README has measured numbers for s = 1 and s = 0.1.
 
 Also reported, per test image:
     mse           per-pixel squared error of the decoder mean, on [-1, 1]
-    bits_per_dim  -ELBO on the 0-255 pixel scale / (D ln 2) = (-ELBO + D ln 127.5) / (D ln 2)
+    bits_per_dim  -ELBO on the 0-255 pixel scale / (D ln 2) = (-ELBO + D ln 127.5) / (D ln 2). A density at
+                  the integer pixel values, not a discrete likelihood. On MNIST D counts the 32x32 frame,
+                  196 of whose 1,024 pixels are padding, so it is not comparable with 28x28 figures
     sse_plus_kl   sum of squared errors + KL: the course's convention (SVHN 104.0, CIFAR-10 241.6 after 20
                   epochs); it equals 2 (-ELBO) - D log 2 pi at s = 1, up to the factor on the KL
     nll_iw        importance-weighted estimate of -log p(x) with K samples (Burda et al., 2016)
@@ -40,12 +42,13 @@ import torch
 import torch.nn as nn
 
 import common
+from vae_2d import gaussian_log_prob, kl_standard_normal, reparameterise  # the same math as the 2D VAE
 
-LOG_2PI = math.log(2 * math.pi)
 NAN_HINT = ', or a larger --decoder-std (a small s makes every pixel error 1/s^2 times dearer)'
 
 
-def parse_args(argv=None, script='vae_image', doc=__doc__):
+def make_parser(script='vae_image', doc=__doc__):
+    """The options of this script; vlae.py adds its prior's to them."""
     p = common.make_parser(
         doc, script, datasets=list(common.IMAGE_CHANNELS), dataset='svhn', epochs=20, batch_size=128, lr=1e-3,
         why={'epochs': "20: the course's budget, which its published figures use.",
@@ -60,7 +63,7 @@ def parse_args(argv=None, script='vae_image', doc=__doc__):
                    help='importance samples K for the final estimate of -log p(x); 100 as in Burda et al.')
     p.add_argument('--iw-examples', type=common.positive(int), default=500,
                    help='test images used for that estimate: K decodes each, so a subset keeps it quick on a CPU')
-    return p.parse_args(argv)
+    return p
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -102,7 +105,7 @@ class StandardNormal(nn.Module):
         self.z_dim = z_dim
 
     def log_prob(self, z):
-        return -0.5 * (LOG_2PI + z ** 2)  # (..., z_dim): one term per dimension
+        return gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))  # (..., z_dim) -> (...)
 
     def sample(self, n, device):
         return torch.randn(n, self.z_dim, device=device)
@@ -118,28 +121,23 @@ class VAE(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- loss
 
-def gaussian_log_prob(z, mu, logvar):
-    """log N(z; mu, diag exp(logvar)) per dimension: (..., z_dim)."""
-    return -0.5 * (LOG_2PI + logvar + (z - mu) ** 2 / logvar.exp())
-
-
 def reconstruction(model, x, z):
-    """-log p(x|z) summed over pixels, and the per-pixel squared error; both (B,)."""
-    s = model.decoder_std
-    sq_err = (x - model.decoder(z)) ** 2
-    recon = 0.5 * (LOG_2PI + 2 * math.log(s) + sq_err / s ** 2).flatten(1).sum(1)  # (B, C, H, W) -> (B,)
-    return recon, sq_err.flatten(1).mean(1)  # (B, C, H, W) -> (B, D) -> (B,)
+    """-log p(x|z) = -log N(x; decoder(z), s^2 I) summed over pixels, and the per-pixel squared error: (B,) each."""
+    x, mean = x.flatten(1), model.decoder(z).flatten(1)  # (B, C, H, W) -> (B, D)
+    logvar = torch.tensor(2 * math.log(model.decoder_std), device=x.device)  # log s^2, fixed
+    return -gaussian_log_prob(x, mean, logvar), ((x - mean) ** 2).mean(1)
 
 
-def kl_standard_normal(mu, logvar):
-    """KL(N(mu, exp(logvar)) || N(0, 1)) per dimension, closed form (Kingma & Welling, 2014, appx. B)."""
-    return 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar)
+def bits_per_dim(nats, dims):
+    """Nats per image on [-1, 1] pixels -> bits per dimension on the 0-255 scale. Stretching [-1, 1] to
+    [0, 255] divides a density by 127.5 per dimension, which adds D ln 127.5 nats; then / (D ln 2)."""
+    return (nats + dims * math.log(127.5)) / (dims * math.log(2))
 
 
 def loss_terms(model, x):
     """Negative ELBO and its terms, nats per image (sum over dims, mean over batch)."""
     mu, logvar = model.encoder(x)
-    z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)  # reparameterisation trick
+    z = reparameterise(mu, logvar)
     recon, mse = reconstruction(model, x, z)  # Kingma & Welling (2014), eq. 10, one sample
     kl = kl_standard_normal(mu, logvar).sum(1)
     return {'neg_elbo': (recon + kl).mean(), 'recon': recon.mean(), 'kl': kl.mean(), 'mse': mse.mean()}
@@ -147,8 +145,7 @@ def loss_terms(model, x):
 
 def with_course_metrics(terms, dims):
     """Add bits per dimension (0-255 scale) and the course's sum of squared errors + KL."""
-    # Rescaling x from [-1, 1] to [0, 255] multiplies densities by 127.5^-D: add D ln 127.5 nats.
-    terms['bits_per_dim'] = (terms['neg_elbo'] + dims * math.log(127.5)) / (dims * math.log(2))
+    terms['bits_per_dim'] = bits_per_dim(terms['neg_elbo'], dims)
     terms['sse_plus_kl'] = terms['mse'] * dims + terms['kl']
     return terms
 
@@ -187,9 +184,9 @@ def iw_nll(model, x, k):
     mu, logvar = model.encoder(x)
     log_w = []
     for _ in range(k):  # one decode of the whole batch per sample keeps memory flat
-        z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
+        z = reparameterise(mu, logvar)
         recon, _ = reconstruction(model, x, z)
-        log_w.append(-recon + model.prior.log_prob(z).sum(1) - gaussian_log_prob(z, mu, logvar).sum(1))
+        log_w.append(-recon + model.prior.log_prob(z) - gaussian_log_prob(z, mu, logvar))  # (B,)
     return -(torch.logsumexp(torch.stack(log_w), dim=0) - math.log(k))  # (K, B) -> (B,)
 
 
@@ -206,7 +203,7 @@ def final_metrics(model, test_x, args, loss_fn=loss_terms):
     sub = test_x[:args.iw_examples]
     dims = test_x[0].numel()
     final['nll_iw'] = float(torch.cat([iw_nll(model, b, args.iw_samples) for b in sub.split(100)]).mean())
-    final['bits_per_dim_iw'] = (final['nll_iw'] + dims * math.log(127.5)) / (dims * math.log(2))
+    final['bits_per_dim_iw'] = bits_per_dim(final['nll_iw'], dims)
     final['neg_elbo_iw_subset'] = evaluate(model, sub, args, loss_fn)['neg_elbo']
     final['active_units'] = active_units(torch.cat([model.encoder(b)[0] for b in test_x.split(500)]))
     return final
@@ -245,7 +242,7 @@ def kl_per_dim(model, x):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = make_parser().parse_args(argv)
     with common.claim_out(args, 'vae_image', argv, fixed=('latent_dim', 'decoder_std', 'subset')) as previous:
         device = common.pick_device(args.device)
         train_x, test_x = common.take_subset(*common.load_images(args.dataset, args.data_dir), args.subset)

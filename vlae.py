@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 import common
 import vae_image
-from vae_image import LOG_2PI, VAE, gaussian_log_prob, reconstruction
+from vae_image import VAE, gaussian_log_prob, reconstruction, reparameterise
 
 
 class MaskedLinear(nn.Linear):
@@ -50,8 +50,9 @@ class MADE(nn.Module):
     Every unit gets a degree: input i has degree i, a hidden unit one in 1..D-1. A hidden unit sees units
     of degree <= its own; output i sees units of degree < i. So no path links z_j to output i when j >= i.
     """
-    def __init__(self, d, hidden=512):
+    def __init__(self, d, hidden=512, log_sigma_bound=0.0):
         super().__init__()
+        self.log_sigma_bound = log_sigma_bound
         deg_in = torch.arange(1, d + 1)
         deg_h = torch.arange(hidden) % max(d - 1, 1) + 1  # cycle through 1..D-1: every degree well used
         deg_out = deg_in.repeat(2)  # mu and log_sigma for each dimension
@@ -64,23 +65,30 @@ class MADE(nn.Module):
 
     def forward(self, z):
         mu, log_sigma = self.net(z).chunk(2, dim=1)  # (B, 2D) -> 2 x (B, D)
+        if self.log_sigma_bound:  # b tanh(u / b): the same near 0, never beyond +-b
+            log_sigma = self.log_sigma_bound * torch.tanh(log_sigma / self.log_sigma_bound)
         return mu, log_sigma
 
 
 class FlowPrior(nn.Module):
     """p(z) through eps = z * sigma(z) + mu(z); same methods as vae_image.StandardNormal."""
-    def __init__(self, z_dim, hidden=512):
+    def __init__(self, z_dim, hidden=512, log_sigma_bound=0.0):
         super().__init__()
-        self.z_dim, self.made = z_dim, MADE(z_dim, hidden)
+        self.z_dim, self.made = z_dim, MADE(z_dim, hidden, log_sigma_bound)
 
     def forward(self, z):
         """z -> eps and log |d eps / d z| per dimension (the Jacobian's diagonal)."""
         mu, log_sigma = self.made(z)
         return z * log_sigma.exp() + mu, log_sigma
 
-    def log_prob(self, z):
+    def conditionals(self, z):
+        """log p(z_i | z_<i) = log N(eps_i; 0, 1) + log sigma_i, one per dimension: (B, D)."""
         eps, log_sigma = self(z)
-        return -0.5 * (LOG_2PI + eps ** 2) + log_sigma  # (B, D): log p(z_i | z_<i)
+        zero = torch.zeros_like(eps)
+        return gaussian_log_prob(eps[..., None], zero[..., None], zero[..., None]) + log_sigma  # sum over 1 dim
+
+    def log_prob(self, z):
+        return self.conditionals(z).sum(-1)  # (B, D) -> (B,): the chain rule
 
     @torch.no_grad()
     def sample(self, n, device, eps=None):
@@ -96,27 +104,38 @@ class FlowPrior(nn.Module):
 def loss_terms(model, x):
     """Negative ELBO with a single-sample KL estimate, nats per image (sum over dims, mean over batch)."""
     mu, logvar = model.encoder(x)
-    z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)  # reparameterisation trick
+    z = reparameterise(mu, logvar)
     recon, mse = reconstruction(model, x, z)
-    kl = (gaussian_log_prob(z, mu, logvar) - model.prior.log_prob(z)).sum(1)  # log q(z|x) - log p(z)
+    kl = gaussian_log_prob(z, mu, logvar) - model.prior.log_prob(z)  # log q(z|x) - log p(z), one sample
     return {'neg_elbo': (recon + kl).mean(), 'recon': recon.mean(), 'kl': kl.mean(), 'mse': mse.mean()}
 
 
 def kl_per_dim(model, x, samples=10):
-    """E_q[log q(z_i|x) - log p(z_i|z_<i)] per example and dimension, by Monte Carlo: (B, z_dim)."""
+    """E_q[log q(z_i|x) - log p(z_i|z_<i)] per example and dimension, by Monte Carlo: (B, z_dim).
+    They add up to the KL, but unlike the N(0, I) prior's they are not each a KL: a term depends on the
+    dimensions before it in the flow's order and can be negative."""
     mu, logvar = model.encoder(x)
-    z = mu + (0.5 * logvar).exp() * torch.randn(samples, *mu.shape, device=x.device)  # (S, B, z_dim)
-    log_p = model.prior.log_prob(z.flatten(0, 1)).view_as(z)  # (S*B, z_dim) -> (S, B, z_dim)
-    return (gaussian_log_prob(z, mu, logvar) - log_p).mean(0)
+    z = reparameterise(mu, logvar, samples)  # (S, B, z_dim)
+    log_p = model.prior.conditionals(z.flatten(0, 1)).view_as(z)  # (S*B, z_dim) -> (S, B, z_dim)
+    log_q = gaussian_log_prob(z[..., None], mu[..., None], logvar[..., None])  # per dimension: sum over 1
+    return (log_q - log_p).mean(0)
 
 
 def main(argv=None):
-    args = vae_image.parse_args(argv, script='vlae', doc=__doc__)
-    with common.claim_out(args, 'vlae', argv, fixed=('latent_dim', 'decoder_std', 'subset')) as previous:
+    p = vae_image.make_parser('vlae', __doc__)
+    p.add_argument('--made-hidden', type=common.positive(int), default=512,
+                   help="width of the MADE's two hidden layers; 512 as in the course")
+    p.add_argument('--log-sigma-bound', type=float, default=0.0,
+                   help="bound b on the flow's log sigma, through b tanh(. / b); 0 leaves it free (the README "
+                        "measures both)")
+    args = p.parse_args(argv)
+    fixed = ('latent_dim', 'decoder_std', 'subset', 'made_hidden', 'log_sigma_bound')
+    with common.claim_out(args, 'vlae', argv, fixed=fixed) as previous:
         device = common.pick_device(args.device)
         train_x, test_x = common.take_subset(*common.load_images(args.dataset, args.data_dir), args.subset)
         train_x, test_x = train_x.to(device), test_x.to(device)
-        model = VAE(train_x.shape[1], args.latent_dim, args.decoder_std, prior=FlowPrior(args.latent_dim)).to(device)
+        prior = FlowPrior(args.latent_dim, args.made_hidden, args.log_sigma_bound)
+        model = VAE(train_x.shape[1], args.latent_dim, args.decoder_std, prior=prior).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
         state = common.restore(previous, args, model, optimizer)
         train_loss = torch.compile(loss_terms) if args.compile else loss_terms  # same function, fused kernels
