@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 import common
 import vqvae
+from vae_image import bits_per_dim, gaussian_log_prob  # the image VAE's Gaussian decoder and bits/dim
 
 
 def parse_args(argv=None):
@@ -140,11 +141,11 @@ class PixelCNN(nn.Module):
 
 class GatedLayer(nn.Module):
     """One layer of both stacks (van den Oord et al., 2016, fig. 2), 3x3 kernels."""
-    def __init__(self, hidden, first):
+    def __init__(self, hidden, is_first):
         super().__init__()
-        self.first = first
-        self.v_conv = MaskedConv2d(hidden, 2 * hidden, vertical_mask(3, include_centre_row=not first))
-        self.h_conv = MaskedConv2d(hidden, 2 * hidden, horizontal_mask(3, include_centre=not first))
+        self.is_first = is_first  # the first layer must not see the centre position; later ones may
+        self.v_conv = MaskedConv2d(hidden, 2 * hidden, vertical_mask(3, include_centre_row=not is_first))
+        self.h_conv = MaskedConv2d(hidden, 2 * hidden, horizontal_mask(3, include_centre=not is_first))
         self.v_to_h = nn.Conv2d(2 * hidden, 2 * hidden, 1)  # vertical stack at (i, j) has seen rows < i only
         self.h_out = nn.Conv2d(hidden, hidden, 1)
 
@@ -157,14 +158,14 @@ class GatedLayer(nn.Module):
         v_pre = self.v_conv(v)
         h_new = self.h_out(self.gate(self.h_conv(h) + self.v_to_h(v_pre)))
         # No residual in the first layer: h there is the input at (i, j) itself, which must stay unseen.
-        return self.gate(v_pre), (h_new if self.first else h + h_new)
+        return self.gate(v_pre), (h_new if self.is_first else h + h_new)
 
 
 class GatedPixelCNN(nn.Module):
     def __init__(self, num_codes, hidden, layers):
         super().__init__()
         self.embedding = nn.Embedding(num_codes, hidden)
-        self.layers = nn.ModuleList(GatedLayer(hidden, first=(i == 0)) for i in range(layers))
+        self.layers = nn.ModuleList(GatedLayer(hidden, is_first=(i == 0)) for i in range(layers))
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(hidden, 512, 1), nn.ReLU(), nn.Conv2d(512, num_codes, 1))
 
     def forward(self, codes):
@@ -208,10 +209,10 @@ def load_vqvae(args, device):
 def encode(model, x, decoder_std, batch_size=256):
     """Images -> code grids (N, 8, 8), and -log p(x | z_q) per image under N(x_hat, s^2 I): (N,)."""
     codes, recon = [], []
+    logvar = torch.tensor(2 * math.log(decoder_std), device=x.device)  # log s^2
     for batch in x.split(batch_size):
         x_hat, _, _, c = model(batch)
-        sq_err = ((batch - x_hat) ** 2).flatten(1)  # (B, C, H, W) -> (B, D)
-        recon.append(0.5 * (math.log(2 * math.pi * decoder_std ** 2) + sq_err / decoder_std ** 2).sum(1))
+        recon.append(-gaussian_log_prob(batch.flatten(1), x_hat.flatten(1), logvar))  # (B, C, H, W) -> (B, D) -> (B,)
         codes.append(c)
     return torch.cat(codes), torch.cat(recon)
 
@@ -299,7 +300,7 @@ def main(argv=None):
         dims = test_x[0].numel()
         final['recon_nll'] = float(test_recon.mean())
         final['neg_log_px_bound'] = final['recon_nll'] + final['nll'] * test_codes[0].numel()
-        final['bits_per_dim'] = (final['neg_log_px_bound'] + dims * math.log(127.5)) / (dims * math.log(2))
+        final['bits_per_dim'] = bits_per_dim(final['neg_log_px_bound'], dims)
 
         title = f'{args.arch} prior on {args.dataset}'
         start = time.time()

@@ -264,7 +264,7 @@ def test_gradients_flow_where_the_loss_says():
     torch.manual_seed(0)
     model = vqvae.VQVAE(3, num_codes=16, code_dim=16)
     x = torch.rand(4, 3, 32, 32) * 2 - 1
-    terms, _, _ = vqvae.loss_terms(model, x, beta=0.25)
+    terms = vqvae.loss_terms(model, x, beta=0.25)
 
     def grads(term):
         model.zero_grad()
@@ -295,8 +295,8 @@ def test_beta_multiplies_the_commitment_term_and_nothing_else(codebook_loss):
     torch.manual_seed(0)
     model = vqvae.VQVAE(3, num_codes=16, code_dim=16)
     x = torch.rand(4, 3, 32, 32) * 2 - 1
-    a, _, _ = vqvae.loss_terms(model, x, 0.2, codebook_loss)
-    b, _, _ = vqvae.loss_terms(model, x, 0.7, codebook_loss)
+    a = vqvae.loss_terms(model, x, 0.2, codebook_loss)
+    b = vqvae.loss_terms(model, x, 0.7, codebook_loss)
     for key in ('recon_mse', 'codebook', 'commitment'):
         assert torch.equal(a[key], b[key])
     assert torch.allclose(b['loss'] - a['loss'], 0.5 * a['commitment'])
@@ -329,7 +329,8 @@ def test_a_restart_moves_dead_codes_apart_and_resets_their_adam_moments():
     model = vqvae.VQVAE(3, num_codes=16, code_dim=8)
     optimizer = torch.optim.Adam([model.codebook.weight], lr=1e-3)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    terms, codes, z_e = vqvae.loss_terms(model, x, 0.25)
+    terms = vqvae.loss_terms(model, x, 0.25)
+    codes, z_e = terms['codes'], terms['z_e']
     terms['codebook'].backward()
     optimizer.step()  # Adam now holds moments for every row
     z_e = torch.zeros_like(z_e.detach())  # the worst case: every encoder output is the same vector

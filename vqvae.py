@@ -154,14 +154,15 @@ class VQVAE(nn.Module):
 
 def loss_terms(model, x, beta, codebook_loss=True):
     """The VQ-VAE loss and its terms (van den Oord et al., 2017, eq. 3), each a mean over elements. With
-    an EMA codebook (codebook_loss=False) the codebook term is reported but is not part of the loss."""
+    an EMA codebook (codebook_loss=False) the codebook term is reported but is not part of the loss.
+    Also in the dict, not losses: 'codes' and 'z_e', which the codebook's updates need."""
     x_hat, z_e, z_q, codes = model(x)
     recon = F.mse_loss(x_hat, x)                  # ||x - x_hat||^2
     codebook = F.mse_loss(z_q, z_e.detach())      # ||sg[z_e] - e||^2: only the codebook learns from it
     commitment = F.mse_loss(z_e, z_q.detach())    # ||z_e - sg[e]||^2: only the encoder learns from it
     loss = recon + beta * commitment + (codebook if codebook_loss else 0)
-    terms = {'loss': loss, 'recon_mse': recon, 'codebook': codebook, 'commitment': commitment}
-    return terms, codes, z_e
+    return {'loss': loss, 'recon_mse': recon, 'codebook': codebook, 'commitment': commitment,
+            'codes': codes, 'z_e': z_e}
 
 
 def usage_stats(counts):
@@ -237,7 +238,8 @@ def train_epoch(model, optimizer, x, args, progress, loss_fn=loss_terms):
     n_batches = math.ceil(len(x) / args.batch_size)
     for i, batch in enumerate(common.batches(x, args.batch_size, shuffle=True, progress=progress)):
         with common.autocast(x.device, args.amp):
-            terms, codes, z_e = loss_fn(model, batch, args.beta, args.codebook == 'loss')
+            terms = loss_fn(model, batch, args.beta, args.codebook == 'loss')
+        codes, z_e = terms.pop('codes'), terms.pop('z_e')
         optimizer.zero_grad(set_to_none=True)
         terms['loss'].backward()
         if args.clip_grad:
@@ -259,7 +261,8 @@ def evaluate(model, x, args):
     totals, counts = {}, torch.zeros(args.num_codes, dtype=torch.long, device=x.device)
     for batch in common.batches(x, args.batch_size, shuffle=False):
         with common.autocast(x.device, args.amp):
-            terms, codes, _ = loss_terms(model, batch, args.beta, args.codebook == 'loss')
+            terms = loss_terms(model, batch, args.beta, args.codebook == 'loss')
+        codes, _ = terms.pop('codes'), terms.pop('z_e')
         for k, v in terms.items():
             totals[k] = totals.get(k, 0.0) + v.float() * len(batch)
         counts += torch.bincount(codes.flatten(), minlength=args.num_codes)
