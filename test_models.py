@@ -1,4 +1,6 @@
 """One test file for every script: tiny end-to-end CPU runs, tricky math against brute force, and masks.
+Ordered like the README: each model's end-to-end run with its math beside it, then data, then the tests of
+runs a user can trust (interrupts, refusals, messages) at the end.
 
 Run:  python -m pytest -q test_models.py      (about a minute on two CPU cores)
 Tests make their own tiny data; nothing is downloaded.
@@ -52,7 +54,7 @@ def image_dir(tmp_path_factory):
     return str(d)
 
 
-# ---------------------------------------------------------------------------------------------- vae_2d
+# -------------------------------------------------------------------------------------------------- 1. vae_2d
 
 def test_vae_2d_end_to_end(tmp_path):
     out = str(tmp_path / 'run')
@@ -68,6 +70,22 @@ def test_vae_2d_end_to_end(tmp_path):
     model.load_state_dict(ckpt['model'])
 
 
+def test_2d_data_is_seeded_and_shaped():
+    train, test = common.load_2d('gaussian1')
+    assert train.shape == (10_000, 2) and test.shape == (2_500, 2)
+    assert torch.equal(train, common.load_2d('gaussian1')[0])
+    cov = torch.cov(train.T)  # rotated: strongly correlated axes; diagonal twin: uncorrelated
+    assert cov[0, 1] > 10 and abs(torch.cov(common.load_2d('diagonal1')[0].T)[0, 1]) < 0.5
+
+
+def test_gaussian_log_prob_matches_torch_distributions():
+    """The one Gaussian log-density of the project, summed over the last dimension, against torch's."""
+    torch.manual_seed(0)
+    x, mu, logvar = torch.randn(5, 3), torch.randn(5, 3), torch.randn(5, 3)
+    expected = torch.distributions.Normal(mu, (0.5 * logvar).exp()).log_prob(x).sum(-1)  # (5,)
+    assert torch.allclose(vae_2d.gaussian_log_prob(x, mu, logvar), expected, atol=1e-5)
+
+
 def test_analytic_kl_matches_monte_carlo():
     torch.manual_seed(0)
     mu, logvar = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([0.3, -1.5, 0.0])
@@ -79,102 +97,69 @@ def test_analytic_kl_matches_monte_carlo():
     assert torch.allclose(analytic, monte_carlo, atol=0.02), (analytic, monte_carlo)
 
 
-def test_2d_data_is_seeded_and_shaped():
-    train, test = common.load_2d('gaussian1')
-    assert train.shape == (10_000, 2) and test.shape == (2_500, 2)
-    assert torch.equal(train, common.load_2d('gaussian1')[0])
-    cov = torch.cov(train.T)  # rotated: strongly correlated axes; diagonal twin: uncorrelated
-    assert cov[0, 1] > 10 and abs(torch.cov(common.load_2d('diagonal1')[0].T)[0, 1]) < 0.5
+def fixed_tiny_vae():
+    torch.manual_seed(0)
+    model = vae_2d.VAE2d(hidden=16)
+    x = common.load_2d('gaussian1')[1][:300]
+    return model, x
 
 
-# ---------------------------------------------------------------------------------------------- data
-
-def test_data_zip_loader(tmp_path):
-    train = np.zeros((3, 32, 32, 3), np.uint8)
-    train[0, 0, 0] = (0, 255, 128)
-    write_pkl(tmp_path / 'cifar10.pkl', train, np.full((2, 32, 32, 3), 255, np.uint8))
-    x, y = common.load_images('cifar10', str(tmp_path))
-    assert x.shape == (3, 3, 32, 32) and y.shape == (2, 3, 32, 32) and x.dtype == torch.float32
-    assert x[0, :, 0, 0].tolist() == pytest.approx([-1.0, 1.0, 128 / 127.5 - 1], abs=1e-6)
-    assert (y == 1).all() and x.min() >= -1
-    write_pkl(tmp_path / 'mnist.pkl', np.full((2, 28, 28), 255, np.uint8), np.zeros((1, 28, 28), np.uint8))
-    x, _ = common.load_images('mnist', str(tmp_path))
-    assert x.shape == (2, 1, 32, 32)
-    assert (x[:, :, 2:30, 2:30] == 1).all() and (x[:, :, :2] == -1).all()  # zero-padded to 32x32
+def test_iw_with_one_sample_is_the_elbo_in_expectation():
+    model, x = fixed_tiny_vae()
+    with torch.no_grad():
+        iw = torch.stack([vae_2d.iw_nll(model, x, 1).mean() for _ in range(400)]).mean()
+        elbo = torch.stack([vae_2d.loss_terms(model, x)['neg_elbo'] for _ in range(400)]).mean()
+    assert iw == pytest.approx(float(elbo), rel=0.01)
 
 
-def write_torchvision_files(root, name, train, test):
-    """Tiny copies of the files torchvision downloads, in its own formats: SVHN's .mat (X as (H, W, C, N)),
-    CIFAR-10's pickled batches (rows of 3072 bytes, channel-major) and MNIST's raw idx files."""
-    if name == 'svhn':
-        for split, a in (('train', train), ('test', test)):
-            scipy.io.savemat(root / f'{split}_32x32.mat', {'X': a.transpose(1, 2, 3, 0), 'y': np.ones((len(a), 1))})
-    elif name == 'cifar10':
-        folder = root / 'cifar-10-batches-py'
-        folder.mkdir()
-        parts = [(f'data_batch_{i + 1}', part) for i, part in enumerate(np.array_split(train, 5))]
-        for file, a in parts + [('test_batch', test)]:
-            with open(folder / file, 'wb') as f:
-                pickle.dump({'data': a.transpose(0, 3, 1, 2).reshape(len(a), -1), 'labels': [0] * len(a)}, f)
-        with open(folder / 'batches.meta', 'wb') as f:
-            pickle.dump({'label_names': ['airplane']}, f)
-    else:
-        raw = root / 'MNIST' / 'raw'
-        raw.mkdir(parents=True)
-        for prefix, a in (('train', train), ('t10k', test)):
-            (raw / f'{prefix}-images-idx3-ubyte').write_bytes(struct.pack('>IIII', 2051, len(a), 28, 28) + a.tobytes())
-            (raw / f'{prefix}-labels-idx1-ubyte').write_bytes(struct.pack('>II', 2049, len(a)) + bytes(len(a)))
+def test_iw_with_more_samples_is_not_above_the_elbo():
+    model, x = fixed_tiny_vae()
+    with torch.no_grad():
+        elbo = float(torch.stack([vae_2d.loss_terms(model, x)['neg_elbo'] for _ in range(100)]).mean())
+        iw = [float(vae_2d.iw_nll(model, x, k).mean()) for k in (5, 50)]
+    assert iw[1] <= iw[0] + 0.05 and iw[0] <= elbo + 0.05 and iw[1] < elbo
 
 
-@pytest.mark.parametrize('name', ['svhn', 'cifar10', 'mnist'])
-def test_torchvision_formats_offline(name, tmp_path, monkeypatch):
-    """The path a user without the course's .pkl takes: torchvision's own files, read offline (only the
-    md5 check is bypassed; nothing is downloaded), then one tiny end-to-end run."""
-    import torchvision.datasets.cifar
-    import torchvision.datasets.svhn
-    import torchvision.datasets.utils  # SVHN's download() asks download_url, which checks the md5 itself
-    for module in (torchvision.datasets.cifar, torchvision.datasets.svhn, torchvision.datasets.utils):
-        monkeypatch.setattr(module, 'check_integrity', lambda path, md5=None: os.path.isfile(path))
-    size, channels = (28, 1) if name == 'mnist' else (32, 3)
-    rng = np.random.default_rng(0)
-    train = rng.integers(0, 100, (20, size, size, channels), dtype=np.uint8)
-    test = rng.integers(0, 100, (10, size, size, channels), dtype=np.uint8)
-    train[3, 4, 7, channels - 1] = 255  # one marked pixel: image 3, row 4, column 7, last channel
-    test[2, 9, 1, 0] = 200
-    data = tmp_path / 'data'
-    data.mkdir()
-    write_torchvision_files(data, name, train[..., 0] if name == 'mnist' else train,
-                            test[..., 0] if name == 'mnist' else test)
-    x, y = common.load_images(name, str(data))
-    pad = (32 - size) // 2  # MNIST sits zero-padded in the middle of a 32x32 frame
-    assert x.shape == (20, channels, 32, 32) and y.shape == (10, channels, 32, 32) and x.dtype == torch.float32
-    assert x.min() >= -1 and x.max() == 1.0 and x[3, channels - 1, 4 + pad, 7 + pad] == 1.0
-    assert y[2, 0, 9 + pad, 1 + pad] == pytest.approx(200 / 127.5 - 1)
-    expected = torch.from_numpy(train).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, H, W, C) -> (N, C, H, W)
-    assert torch.equal(x[:, :, pad:pad + size, pad:pad + size], expected)  # every pixel where it went in
-    m = vae_image.main(['--dataset', name, '--data-dir', str(data), '--epochs', '1', '--batch-size', '8',
-                        '--iw-samples', '2', '--iw-examples', '4', '--out', str(tmp_path / 'run')])
-    assert m['final_test']['mse'] > 0 and m['dataset'] == name
+def test_chunked_iw_estimate_equals_the_unchunked_one():
+    model, x = fixed_tiny_vae()
+    x = x[:8]  # 8 points x 2 dims: every chunk of draws is a multiple of 16 values, for which torch's CPU
+    results = []  # normal sampler gives the same numbers whether drawn at once or in pieces
+    for chunk in (12, 4, 1000):
+        torch.manual_seed(0)
+        results.append(vae_2d.iw_nll(model, x, 12, chunk=chunk))
+    assert torch.allclose(results[0], results[1], atol=1e-5) and torch.allclose(results[0], results[2], atol=1e-5)
+    torch.manual_seed(0)  # the same 12 draws, weighted by hand with torch.distributions
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+        q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+        z = mu + q.scale * torch.randn(12, *mu.shape)  # (12, 8, 2)
+        x_mu, x_logvar = model.decode(z)
+        log_w = (torch.distributions.Normal(x_mu, (0.5 * x_logvar).exp()).log_prob(x).sum(-1)
+                 + torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1) - q.log_prob(z).sum(-1))
+        by_hand = -torch.log(log_w.exp().mean(0))  # (8,): small numbers here, no need for logsumexp
+    assert torch.allclose(results[0], by_hand, atol=1e-4)
 
 
-class Hostile:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f'touch {self.marker}',)
-
-
-def test_hostile_pickle_is_refused_and_runs_nothing(tmp_path):
-    marker = tmp_path / 'payload-ran'
-    write_pkl(tmp_path / 'cifar10.pkl', Hostile(marker), Hostile(marker))
-    with pytest.raises(SystemExit) as e:
-        common.load_images('cifar10', str(tmp_path))
-    assert 'not a numpy array' in str(e.value.code) and 'cifar10.pkl' in str(e.value.code)
-    assert not marker.exists()
+def test_iw_moves_towards_the_true_entropy_on_2d_data(tmp_path):
+    m = vae_2d.main(['--epochs', '4', '--subset', '2000', '--out', str(tmp_path), '--iw-samples', '100'])
+    f = m['final_test']
+    true_entropy = math.log(2 * math.pi * math.e) + math.log(5)  # 4.447 nats
+    assert true_entropy - 0.1 < f['nll_iw'] < f['neg_elbo']
 
 
-# ---------------------------------------------------------------------------------------------- vae_image, vlae
+def test_an_ignored_latent_dimension_is_inactive():
+    model, x = fixed_tiny_vae()
+    with torch.no_grad():
+        last = model.encoder[-1]  # rows 0..1: mu, rows 2..3: log-variance
+        last.weight[0] = 0  # mu_1 no longer depends on x: the encoder ignores that dimension
+        last.weight[1] *= 50  # mu_2 varies a lot over x
+    kl, active = vae_2d.latent_usage(model, x)
+    assert active == 1 and kl.shape == (2,)
+    mu = torch.stack([torch.zeros(300), torch.randn(300)], 1)
+    assert vae_image.active_units(mu) == 1
+
+
+# -------------------------------------------------------------------------------------- 2. vae_image, 3. vlae
 
 IMAGE_PICTURES = ('samples.png', 'reconstructions.png', 'interpolations.png', 'traversals.png', 'kl_per_dim.png',
                   'curves.png', 'metrics.json', 'model.pt')
@@ -192,13 +177,69 @@ def test_image_vae_end_to_end(script, image_dir, tmp_path):
                                     'bits_per_dim_iw', 'active_units'}
     assert m['test_history']['neg_elbo'][-1] < m['test_history']['neg_elbo'][0]
     f = m['final_test']
-    assert f['bits_per_dim'] == pytest.approx((f['neg_elbo'] + 3072 * math.log(127.5)) / (3072 * math.log(2)))
+    assert f['bits_per_dim'] == pytest.approx(vae_image.bits_per_dim(f['neg_elbo'], 3072))  # tested below
 
 
 def test_image_vae_on_one_channel_mnist(image_dir, tmp_path):
     vae_image.main(['--dataset', 'mnist', '--data-dir', image_dir, '--epochs', '1', '--batch-size', '32',
                     '--out', str(tmp_path), '--iw-samples', '2', '--iw-examples', '4'])
     assert read_metrics(str(tmp_path))['final_test']['mse'] > 0
+
+
+def test_reconstruction_matches_torch_distributions():
+    """-log p(x|z) of the image VAE is -log N(x; decoder(z), s^2 I), summed over pixels, at any s."""
+    torch.manual_seed(0)
+    x, z = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 16)
+    for s in (1.0, 0.3):
+        model = vae_image.VAE(3, 16, decoder_std=s)
+        recon, mse = vae_image.reconstruction(model, x, z)
+        with torch.no_grad():
+            mean = model.decoder(z)
+        expected = -torch.distributions.Normal(mean, s).log_prob(x).flatten(1).sum(1)  # (4,)
+        assert torch.allclose(recon, expected, rtol=1e-5)
+        assert torch.allclose(mse, ((x - mean) ** 2).flatten(1).mean(1))
+
+
+def test_bits_per_dim_is_the_density_on_the_0_255_scale():
+    """Computed independently: the same Gaussian written on 0-255 pixels, N(127.5 (x + 1); 127.5 (m + 1),
+    (127.5 s)^2), in bits, per dimension. And a uniform density on [-1, 1] is log2(255) bits on 0-255."""
+    torch.manual_seed(0)
+    x, m, s = torch.rand(6, 3, 32, 32) * 2 - 1, torch.rand(6, 3, 32, 32) * 2 - 1, 0.2
+    nats = -torch.distributions.Normal(m, s).log_prob(x).flatten(1).sum(1)  # on [-1, 1] pixels: (6,)
+    on_255 = -torch.distributions.Normal(127.5 * (m + 1), 127.5 * s).log_prob(127.5 * (x + 1))
+    expected = on_255.flatten(1).sum(1) / 3072 / math.log(2)  # (6,)
+    assert torch.allclose(vae_image.bits_per_dim(nats, 3072), expected, rtol=1e-5)
+    assert vae_image.bits_per_dim(3072 * math.log(2), 3072) == pytest.approx(math.log2(255))
+
+
+class LinearGaussian:
+    """x = w z + s * noise with z ~ N(0, 1), x in R^4 shaped as a 1x2x2 image, and an encoder that returns
+    the exact posterior. Then every importance weight p(x|z) p(z) / q(z|x) equals p(x): the IWAE estimate
+    is exact for any K, and -log p(x) is known in closed form, x ~ N(0, s^2 I + w w^T)."""
+    def __init__(self, w, s):
+        self.w, self.decoder_std, self.prior = w, s, vae_image.StandardNormal(1)
+
+    def encoder(self, x):
+        precision = 1 + self.w @ self.w / self.decoder_std ** 2
+        mu = (x.flatten(1) @ self.w / self.decoder_std ** 2 / precision)[:, None]  # (B, 4) -> (B, 1)
+        return mu, torch.full_like(mu, -math.log(precision))
+
+    def decoder(self, z):
+        return (z * self.w).view(-1, 1, 2, 2)  # (B, 1) -> (B, 4) -> (B, 1, 2, 2)
+
+    def neg_log_px(self, x):
+        cov = self.decoder_std ** 2 * torch.eye(4) + torch.outer(self.w, self.w)
+        return -torch.distributions.MultivariateNormal(torch.zeros(4), cov).log_prob(x.flatten(1))
+
+
+def test_image_iw_nll_is_exact_with_the_true_posterior():
+    """The estimate vlae.py and vae_image.py report: without its - log K or its log q(z|x) term, or with
+    a wrong prior or decoder density, it would miss the closed form."""
+    torch.manual_seed(0)
+    model = LinearGaussian(torch.tensor([1.5, -0.5, 0.8, 2.0]), s=0.7)
+    x = model.decoder(torch.randn(10, 1)) + 0.7 * torch.randn(10, 1, 2, 2)
+    for k in (1, 7):
+        assert torch.allclose(vae_image.iw_nll(model, x, k), model.neg_log_px(x), atol=1e-4)
 
 
 def random_flow(d=6):
@@ -237,7 +278,7 @@ def test_flow_log_prob_is_a_density():
     assert mass == pytest.approx(1.0, abs=0.02)
 
 
-# ---------------------------------------------------------------------------------------------- vqvae
+# --------------------------------------------------------------------------------------------------- 4. vqvae
 
 def test_nearest_code_matches_brute_force():
     torch.manual_seed(0)
@@ -357,7 +398,7 @@ def test_restarts_never_follow_an_epochs_last_step(monkeypatch):
     assert len(calls) == 2 and logs['restarts'].tolist() == [8, 0, 0]  # batches of 4, 4, 2: none after the last
 
 
-# ---------------------------------------------------------------------------------------------- priors
+# ------------------------------------------------------------------------------------------ 5. pixelcnn_prior
 
 def input_gradients(prior, p, size=8, hidden=8):
     """|d logits at raster position p / d input| summed per input position: (size*size,)."""
@@ -450,7 +491,94 @@ def test_prior_without_vqvae_says_what_to_run(image_dir, tmp_path):
     assert 'python vqvae.py --dataset cifar10' in str(e.value.code)
 
 
-# ---------------------------------------------------------------------------------------------- runs a user can trust
+# ------------------------------------------------------------------------------------------------------- data
+
+def test_data_zip_loader(tmp_path):
+    train = np.zeros((3, 32, 32, 3), np.uint8)
+    train[0, 0, 0] = (0, 255, 128)
+    write_pkl(tmp_path / 'cifar10.pkl', train, np.full((2, 32, 32, 3), 255, np.uint8))
+    x, y = common.load_images('cifar10', str(tmp_path))
+    assert x.shape == (3, 3, 32, 32) and y.shape == (2, 3, 32, 32) and x.dtype == torch.float32
+    assert x[0, :, 0, 0].tolist() == pytest.approx([-1.0, 1.0, 128 / 127.5 - 1], abs=1e-6)
+    assert (y == 1).all() and x.min() >= -1
+    write_pkl(tmp_path / 'mnist.pkl', np.full((2, 28, 28), 255, np.uint8), np.zeros((1, 28, 28), np.uint8))
+    x, _ = common.load_images('mnist', str(tmp_path))
+    assert x.shape == (2, 1, 32, 32)
+    assert (x[:, :, 2:30, 2:30] == 1).all() and (x[:, :, :2] == -1).all()  # zero-padded to 32x32
+
+
+def write_torchvision_files(root, name, train, test):
+    """Tiny copies of the files torchvision downloads, in its own formats: SVHN's .mat (X as (H, W, C, N)),
+    CIFAR-10's pickled batches (rows of 3072 bytes, channel-major) and MNIST's raw idx files."""
+    if name == 'svhn':
+        for split, a in (('train', train), ('test', test)):
+            scipy.io.savemat(root / f'{split}_32x32.mat', {'X': a.transpose(1, 2, 3, 0), 'y': np.ones((len(a), 1))})
+    elif name == 'cifar10':
+        folder = root / 'cifar-10-batches-py'
+        folder.mkdir()
+        parts = [(f'data_batch_{i + 1}', part) for i, part in enumerate(np.array_split(train, 5))]
+        for file, a in parts + [('test_batch', test)]:
+            with open(folder / file, 'wb') as f:
+                pickle.dump({'data': a.transpose(0, 3, 1, 2).reshape(len(a), -1), 'labels': [0] * len(a)}, f)
+        with open(folder / 'batches.meta', 'wb') as f:
+            pickle.dump({'label_names': ['airplane']}, f)
+    else:
+        raw = root / 'MNIST' / 'raw'
+        raw.mkdir(parents=True)
+        for prefix, a in (('train', train), ('t10k', test)):
+            (raw / f'{prefix}-images-idx3-ubyte').write_bytes(struct.pack('>IIII', 2051, len(a), 28, 28) + a.tobytes())
+            (raw / f'{prefix}-labels-idx1-ubyte').write_bytes(struct.pack('>II', 2049, len(a)) + bytes(len(a)))
+
+
+@pytest.mark.parametrize('name', ['svhn', 'cifar10', 'mnist'])
+def test_torchvision_formats_offline(name, tmp_path, monkeypatch):
+    """The path a user without the course's .pkl takes: torchvision's own files, read offline (only the
+    md5 check is bypassed; nothing is downloaded), then one tiny end-to-end run."""
+    import torchvision.datasets.cifar
+    import torchvision.datasets.svhn
+    import torchvision.datasets.utils  # SVHN's download() asks download_url, which checks the md5 itself
+    for module in (torchvision.datasets.cifar, torchvision.datasets.svhn, torchvision.datasets.utils):
+        monkeypatch.setattr(module, 'check_integrity', lambda path, md5=None: os.path.isfile(path))
+    size, channels = (28, 1) if name == 'mnist' else (32, 3)
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 100, (20, size, size, channels), dtype=np.uint8)
+    test = rng.integers(0, 100, (10, size, size, channels), dtype=np.uint8)
+    train[3, 4, 7, channels - 1] = 255  # one marked pixel: image 3, row 4, column 7, last channel
+    test[2, 9, 1, 0] = 200
+    data = tmp_path / 'data'
+    data.mkdir()
+    write_torchvision_files(data, name, train[..., 0] if name == 'mnist' else train,
+                            test[..., 0] if name == 'mnist' else test)
+    x, y = common.load_images(name, str(data))
+    pad = (32 - size) // 2  # MNIST sits zero-padded in the middle of a 32x32 frame
+    assert x.shape == (20, channels, 32, 32) and y.shape == (10, channels, 32, 32) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() == 1.0 and x[3, channels - 1, 4 + pad, 7 + pad] == 1.0
+    assert y[2, 0, 9 + pad, 1 + pad] == pytest.approx(200 / 127.5 - 1)
+    expected = torch.from_numpy(train).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, H, W, C) -> (N, C, H, W)
+    assert torch.equal(x[:, :, pad:pad + size, pad:pad + size], expected)  # every pixel where it went in
+    m = vae_image.main(['--dataset', name, '--data-dir', str(data), '--epochs', '1', '--batch-size', '8',
+                        '--iw-samples', '2', '--iw-examples', '4', '--out', str(tmp_path / 'run')])
+    assert m['final_test']['mse'] > 0 and m['dataset'] == name
+
+
+class Hostile:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+def test_hostile_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / 'payload-ran'
+    write_pkl(tmp_path / 'cifar10.pkl', Hostile(marker), Hostile(marker))
+    with pytest.raises(SystemExit) as e:
+        common.load_images('cifar10', str(tmp_path))
+    assert 'not a numpy array' in str(e.value.code) and 'cifar10.pkl' in str(e.value.code)
+    assert not marker.exists()
+
+
+# -------------------------------------------------------------------------------------- runs a user can trust
 
 def test_same_seed_gives_same_metrics(tmp_path):
     a, b = (vae_2d.main(['--epochs', '2', '--subset', '1000', '--out', str(tmp_path / n), '--iw-samples', '5'])
@@ -630,26 +758,6 @@ def test_messages_that_say_what_to_do(image_dir, tmp_path):
     assert not any((tmp_path / name).exists() for name in ('small', 'x', 'none', 'e'))  # no empty folders left
 
 
-def test_chunked_iw_estimate_equals_the_unchunked_one():
-    model, x = fixed_tiny_vae()
-    x = x[:8]  # 8 points x 2 dims: every chunk of draws is a multiple of 16 values, for which torch's CPU
-    results = []  # normal sampler gives the same numbers whether drawn at once or in pieces
-    for chunk in (12, 4, 1000):
-        torch.manual_seed(0)
-        results.append(vae_2d.iw_nll(model, x, 12, chunk=chunk))
-    assert torch.allclose(results[0], results[1], atol=1e-5) and torch.allclose(results[0], results[2], atol=1e-5)
-    torch.manual_seed(0)  # the same 12 draws, weighted by hand with torch.distributions
-    with torch.no_grad():
-        mu, logvar = model.encode(x)
-        q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
-        z = mu + q.scale * torch.randn(12, *mu.shape)  # (12, 8, 2)
-        x_mu, x_logvar = model.decode(z)
-        log_w = (torch.distributions.Normal(x_mu, (0.5 * x_logvar).exp()).log_prob(x).sum(-1)
-                 + torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1) - q.log_prob(z).sum(-1))
-        by_hand = -torch.log(log_w.exp().mean(0))  # (8,): small numbers here, no need for logsumexp
-    assert torch.allclose(results[0], by_hand, atol=1e-4)
-
-
 def refused(main, argv, *words):
     """main(argv) must stop with one line containing all words (argparse's errors exit 2, ours 1)."""
     with pytest.raises(SystemExit) as e:
@@ -742,47 +850,3 @@ def test_wrong_checkpoints_are_refused(image_dir, tmp_path):
     refused(pixelcnn_prior.main, ['--dataset', 'cifar10', '--vqvae', str(tmp_path / 'junk.pt'),
                                   '--out', str(tmp_path / 'p')] + common_args, 'not a readable checkpoint')
     assert open(vq_ckpt, 'rb').read() == before
-
-
-# ---------------------------------------------------------------------------------------------- beyond the ELBO
-
-def fixed_tiny_vae():
-    torch.manual_seed(0)
-    model = vae_2d.VAE2d(hidden=16)
-    x = common.load_2d('gaussian1')[1][:300]
-    return model, x
-
-
-def test_iw_with_one_sample_is_the_elbo_in_expectation():
-    model, x = fixed_tiny_vae()
-    with torch.no_grad():
-        iw = torch.stack([vae_2d.iw_nll(model, x, 1).mean() for _ in range(400)]).mean()
-        elbo = torch.stack([vae_2d.loss_terms(model, x)['neg_elbo'] for _ in range(400)]).mean()
-    assert iw == pytest.approx(float(elbo), rel=0.01)
-
-
-def test_iw_with_more_samples_is_not_above_the_elbo():
-    model, x = fixed_tiny_vae()
-    with torch.no_grad():
-        elbo = float(torch.stack([vae_2d.loss_terms(model, x)['neg_elbo'] for _ in range(100)]).mean())
-        iw = [float(vae_2d.iw_nll(model, x, k).mean()) for k in (5, 50)]
-    assert iw[1] <= iw[0] + 0.05 and iw[0] <= elbo + 0.05 and iw[1] < elbo
-
-
-def test_iw_moves_towards_the_true_entropy_on_2d_data(tmp_path):
-    m = vae_2d.main(['--epochs', '4', '--subset', '2000', '--out', str(tmp_path), '--iw-samples', '100'])
-    f = m['final_test']
-    true_entropy = math.log(2 * math.pi * math.e) + math.log(5)  # 4.447 nats
-    assert true_entropy - 0.1 < f['nll_iw'] < f['neg_elbo']
-
-
-def test_an_ignored_latent_dimension_is_inactive():
-    model, x = fixed_tiny_vae()
-    with torch.no_grad():
-        last = model.encoder[-1]  # rows 0..1: mu, rows 2..3: log-variance
-        last.weight[0] = 0  # mu_1 no longer depends on x: the encoder ignores that dimension
-        last.weight[1] *= 50  # mu_2 varies a lot over x
-    kl, active = vae_2d.latent_usage(model, x)
-    assert active == 1 and kl.shape == (2,)
-    mu = torch.stack([torch.zeros(300), torch.randn(300)], 1)
-    assert vae_image.active_units(mu) == 1
