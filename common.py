@@ -260,7 +260,7 @@ def restore(previous, args, model, optimizer):
     for group in optimizer.param_groups:  # a new --lr applies on --resume (e.g. after a NaN)
         group['lr'] = args.lr
     if args.seed == previous['config']['seed']:
-        torch.set_rng_state(previous['rng'])  # the same CPU random stream as a run never interrupted
+        torch.set_rng_state(previous['rng'])  # the CPU stream only: a resumed CUDA run draws other noise
     state = {k: previous[k] for k in ('epoch', 'history', 'train_seconds', 'train_examples', 'segments')}
     if args.sample_only:
         args.epochs = state['epoch']  # no training: the run is as long as what was trained

@@ -1,4 +1,7 @@
-"""VLAE: the image VAE of vae_image.py with a learned prior, a MADE autoregressive flow (Chen et al., 2017).
+"""The course's "VLAE": the image VAE of vae_image.py with a MADE autoregressive-flow prior.
+
+Chen et al. (2017) name VLAE a VAE with both an autoregressive-flow prior and an autoregressive (PixelCNN)
+decoder; this script has only the first, with vae_image.py's Gaussian decoder, as the course does.
 
 A N(0, I) prior forces every posterior towards one fixed shape; the KL term pays for each mismatch. A
 learned prior can move towards the aggregate posterior instead, so the same encoder and decoder get a
@@ -14,6 +17,10 @@ and each term is a conditional:  log p(z_i | z_<i) = log N(eps_i; 0, 1) + log si
 
 Objective: the negative ELBO, with the KL estimated at the posterior sample z ~ q(z|x) (no closed form):
     -ELBO = -log p(x|z) + [log q(z|x) - log p(z)]
+The `kl` this script logs is that one-sample estimate (unbiased, noisier than vae_image.py's closed form),
+and `kl_per_dim.png` splits it by the chain rule into log q(z_i|x) - log p(z_i|z_<i): those terms depend
+on the flow's order and can be negative, so they are not comparable with the N(0, I) prior's per-dimension
+KLs, nor is `active_units` (the 0.01 threshold assumes a prior of unit scale).
 Sampling inverts the flow one dimension at a time: z_i = (eps_i - mu_i(z_<i)) / sigma_i(z_<i).
 
 Metrics, pictures and options are those of vae_image.py.
@@ -154,8 +161,8 @@ def main(argv=None):
         title = f'vlae on {args.dataset}'
         with torch.no_grad():
             kl = torch.cat([kl_per_dim(model, b) for b in test_x.split(500)]).mean(0)  # (N, z_dim) -> (z_dim,)
-        common.bar_chart(f'{args.out}/kl_per_dim.png', kl.tolist(), 'latent dimension', 'KL (nats)',
-                         f'{title}: KL per latent dimension (Monte Carlo, 10 samples)')
+        common.bar_chart(f'{args.out}/kl_per_dim.png', kl.tolist(), 'latent dimension', 'nats',
+                         f'{title}: E[log q(z_i|x) - log p(z_i|z_<i)] (10 samples; they sum to the KL)')
         vae_image.draw_pictures(model, test_x, args.out, title)
         return common.write_metrics(args, 'vlae', state, final)
 
