@@ -11,8 +11,8 @@ Prior: an autoregressive flow over the 16 latent dimensions,
     eps = z * sigma(z) + mu(z),      eps ~ N(0, I),
 where the i-th entries of mu and sigma depend only on z_1..z_{i-1} (a MADE network: Germain et al.,
 2015, two masked hidden layers of --made-hidden = 512 units; log sigma free, or b tanh(. / b) with
---log-sigma-bound b: the README measures both and 128 units). The Jacobian d eps / d z is then lower-triangular with diagonal
-sigma, so by the change of variables
+--log-sigma-bound b). The Jacobian d eps / d z is then lower-triangular with diagonal sigma, so by the
+change of variables
     log p(z) = log N(eps; 0, I) + sum_i log sigma_i(z)
 and each term is a conditional:  log p(z_i | z_<i) = log N(eps_i; 0, 1) + log sigma_i.
 
