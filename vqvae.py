@@ -24,7 +24,7 @@ encoder's outputs grow by a factor 10 in the first 50 steps (measured: RMS 0.7 -
 at +-1/K cannot follow; the few that happen to be nearest take every input and the rest die (15 of 128
 used after 2 epochs at beta 0.25). The moving average puts each code at the mean of its inputs at once;
 alone it still leaves the codes that nothing chose dead, hence the two remedies below, all three on by
-default (each alone fails: README, VQ-VAE).
+default (what each does alone, over 3 seeds: README, VQ-VAE).
 
 Two more remedies for dead codes, both measured in the README:
     --init kmeans++      the codebook starts as k-means++ seeds (Arthur & Vassilvitskii, 2007) among the
@@ -69,13 +69,11 @@ def parse_args(argv=None):
     p.add_argument('--code-dim', type=common.positive(int), default=256,
                    help="code vector size D, also the network's width; 256 as in the course")
     p.add_argument('--beta', type=common.positive(float), default=1.0,
-                   help="commitment weight; 1 as in the course (the paper uses 0.25 and finds 0.1 to 2.0 robust). "
-                        "Measured here: at 0.25 the codebook term stays above the reconstruction error, at 1 it is "
-                        "3x smaller for the same error")
+                   help="commitment weight; 1 as in the course (the paper uses 0.25 and finds 0.1 to 2.0 robust)")
     p.add_argument('--codebook', choices=['ema', 'loss'], default='ema',
                    help="ema: codes are moving averages of their encoder outputs (paper, appendix A.1); loss: "
                         "codes learn by Adam from the codebook term (eq. 3, the course's). ema is the default: "
-                        "with the two options below it uses the whole codebook (README, VQ-VAE)")
+                        "with the two options below it keeps the codebook in use (README, VQ-VAE)")
     p.add_argument('--ema-decay', type=common.positive(float), default=0.99,
                    help="decay g of the moving averages (codes and usage); 0.99 as in the paper")
     p.add_argument('--init', choices=['kmeans++', 'uniform'], default='kmeans++',
@@ -84,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument('--restart-below', type=float, default=4.0,
                    help="move a code whose moving-average use falls below this many encoder outputs per batch "
                         "(of 8,192 at batch 128; 64 each if all 128 codes were used equally) to a fresh encoder "
-                        "output; 0 turns restarts off. 4 measured better than 1 (README, VQ-VAE)")
+                        "output; 0 turns restarts off. 4 is far below even use, so only dying codes move")
     p.add_argument('--clip-grad', type=float, default=0.0,
                    help="clip the gradient norm at this value, 0 for none (the course clips at 1)")
     args = p.parse_args(argv)
