@@ -138,8 +138,8 @@ def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, amp
     p.add_argument('--sample-only', action='store_true', help='reload --out/model.pt and redraw pictures, no training')
     if amp:  # convolutions only: the 2D MLPs are too small to gain from it
         p.add_argument('--amp', action='store_true',
-                       help='bfloat16 autocast: about 1.8x faster on GPUs and on CPUs with bf16 support; off by '
-                            'default because it rounds the numbers (and is slower on CPUs without bf16)')
+                       help='bfloat16 autocast: 1.7-2x faster on a CPU with bf16 support (README, speed; GPUs '
+                            'unmeasured); off by default: it rounds the numbers, and is slower on CPUs without bf16')
     if compile:  # offered where it measurably helps (README, speed)
         p.add_argument('--compile', action='store_true',
                        help='torch.compile the training step: 1.2-1.4x faster after 10-20 s of compiling; off by '
