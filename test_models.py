@@ -373,7 +373,7 @@ def test_a_restart_moves_dead_codes_apart_and_resets_their_adam_moments():
     optimizer = torch.optim.Adam([model.codebook.weight], lr=1e-3)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     terms = vqvae.loss_terms(model, x, 0.25)
-    codes, z_e = terms['codes'], terms['z_e']
+    z_e = terms['z_e']
     terms['codebook'].backward()
     optimizer.step()  # Adam now holds moments for every row
     z_e = torch.zeros_like(z_e.detach())  # the worst case: every encoder output is the same vector
