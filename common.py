@@ -133,9 +133,10 @@ def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, amp
     p.add_argument('--out', default=None, help=f'output folder (default: results/{script}/{out})')
     p.add_argument('--subset', type=positive(int), default=None,
                    help='train on the first N examples and test on the first N // 5: quick runs')
-    p.add_argument('--resume', action='store_true', help='continue the run saved in --out up to --epochs in total')
-    p.add_argument('--overwrite', action='store_true', help='start again in an --out that holds a run, deleting it')
-    p.add_argument('--sample-only', action='store_true', help='reload --out/model.pt and redraw pictures, no training')
+    again = p.add_mutually_exclusive_group()  # what to do with a run already in --out; none of them: refuse
+    again.add_argument('--resume', action='store_true', help='continue the run in --out up to --epochs in total')
+    again.add_argument('--overwrite', action='store_true', help='start again in an --out that holds a run, deleting it')
+    again.add_argument('--sample-only', action='store_true', help='reload --out/model.pt and redraw pictures only')
     if amp:  # convolutions only: the 2D MLPs are too small to gain from it
         p.add_argument('--amp', action='store_true',
                        help='bfloat16 autocast: 1.7-2x faster on a CPU with bf16 support (README, speed; GPUs '
@@ -179,18 +180,32 @@ def _live_writer(lock):
         return pid
 
 
+def interrupted(args, script, argv, path):
+    """The Ctrl-C handler: one line naming the epoch really on disk (read back, so also right when Ctrl-C lands
+    during the checkpoint write) and the shell-quoted command that goes on from it; exit status 130."""
+    epoch = (_read_checkpoint(path, quiet=True) or {}).get('epoch')
+    flag = '--resume' if epoch is not None and epoch < args.epochs and not args.sample_only else '--sample-only'
+    kept = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ('--resume', '--overwrite', '--sample-only')]
+    command = shlex.join([sys.executable, sys.argv[0] if sys.argv[0].endswith(f'{script}.py') else f'{script}.py']
+                         + kept + [flag])
+    then = 'Continue' if flag == '--resume' else 'Redo the metrics and pictures'
+    print(('\n' if sys.stdout.isatty() else '') + (f'interrupted; {path} holds epoch {epoch} of {args.epochs}. '
+          f'{then} with: {command}' if epoch is not None else 'interrupted before the first epoch ended; nothing '
+          'was saved'), file=sys.stderr)
+    raise SystemExit(130)
+
+
 @contextlib.contextmanager
 def claim_out(args, script, argv, fixed=()):
     """Own --out or stop before touching it; yields the checkpoint there for --resume / --sample-only (else
     None). A fresh run never replaces a trained model; one process writes a folder at a time (a lock file
     with its pid; a dead process's lock is taken over); a resumed run keeps the options in `fixed`; Ctrl-C
     anywhere exits 130 with one line naming the epoch on disk; a failed start leaves no empty folders."""
-    argv = sys.argv[1:] if argv is None else list(argv)
     args.out = os.path.join('results', script, args.dataset) if args.out is None else args.out
     path, lock = os.path.join(args.out, 'model.pt'), os.path.join(args.out, '.lock')
-    again = args.resume or args.sample_only
-    if not args.out or args.overwrite and again:
-        fail("--out '' names no folder" if not args.out else '--overwrite cannot go with --resume or --sample-only')
+    again = args.resume or args.sample_only  # argparse has refused any two of --resume, --overwrite, --sample-only
+    if not args.out:
+        fail("--out '' names no folder")
     previous = None if args.overwrite else _read_checkpoint(path)
     if previous and not again:
         fail(f'{args.out} already holds a run (epoch {previous["epoch"]} of {previous["config"]["epochs"]}); use '
@@ -227,15 +242,7 @@ def claim_out(args, script, argv, fixed=()):
         torch.manual_seed(args.seed)
         yield previous
     except KeyboardInterrupt:
-        epoch = (_read_checkpoint(path, quiet=True) or {}).get('epoch')
-        flag = '--resume' if epoch is not None and epoch < args.epochs and not args.sample_only else '--sample-only'
-        command = shlex.join([sys.executable, sys.argv[0] if sys.argv[0].endswith(f'{script}.py') else f'{script}.py']
-                             + [a for a in argv if a not in ('--resume', '--overwrite', '--sample-only')] + [flag])
-        then = 'Continue' if flag == '--resume' else 'Redo the metrics and pictures'
-        print(('\n' if sys.stdout.isatty() else '') + (f'interrupted; {path} holds epoch {epoch} of {args.epochs}. '
-              f'{then} with: {command}' if epoch is not None else 'interrupted before the first epoch ended; nothing '
-              'was saved'), file=sys.stderr)
-        raise SystemExit(130)
+        interrupted(args, script, argv, path)
     finally:
         for leftover in (f'{path}.{os.getpid()}.tmp', lock):
             with contextlib.suppress(OSError):
