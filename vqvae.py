@@ -84,7 +84,9 @@ def parse_args(argv=None):
                         "(of 8,192 at batch 128; 64 each if all 128 codes were used equally) to a fresh encoder "
                         "output; 0 turns restarts off. 4 is far below even use, so only dying codes move")
     p.add_argument('--clip-grad', type=float, default=0.0,
-                   help="clip the gradient norm at this value, 0 for none (the course clips at 1)")
+                   help="clip the gradient norm at this value, 0 for none. The course clips at 1; here 1 lowers "
+                        "recon by a quarter after 2 epochs (the first steps' norms reach 54) but not after 20 "
+                        "(5 and 3 seeds: README, VQ-VAE), so it is off")
     args = p.parse_args(argv)
     if not 0 < args.ema_decay < 1:
         p.error(f'argument --ema-decay: must be between 0 and 1, got {args.ema_decay}')
