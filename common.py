@@ -180,7 +180,7 @@ def _live_writer(lock):
         return pid
 
 
-def interrupted(args, script, argv, path):
+def _interrupted(args, script, argv, path):
     """The Ctrl-C handler: one line naming the epoch really on disk (read back, so also right when Ctrl-C lands
     during the checkpoint write) and the shell-quoted command that goes on from it; exit status 130."""
     epoch = (_read_checkpoint(path, quiet=True) or {}).get('epoch')
@@ -242,7 +242,7 @@ def claim_out(args, script, argv, fixed=()):
         torch.manual_seed(args.seed)
         yield previous
     except KeyboardInterrupt:
-        interrupted(args, script, argv, path)
+        _interrupted(args, script, argv, path)
     finally:
         for leftover in (f'{path}.{os.getpid()}.tmp', lock):
             with contextlib.suppress(OSError):
