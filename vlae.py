@@ -163,7 +163,7 @@ def main(argv=None):
         title = f'vlae on {args.dataset}'
         with torch.no_grad():  # what N(0, I) would charge for the same posteriors: the learned prior's saving
             final['kl_if_standard_prior'] = float(torch.cat(
-                [vae_image.kl_standard_normal(*model.encoder(b)).sum(1) for b in test_x.split(500)]).mean())
+                [vae_image.kl_per_dim(model, b).sum(1) for b in test_x.split(500)]).mean())
             kl = torch.cat([kl_per_dim(model, b) for b in test_x.split(500)]).mean(0)  # (N, z_dim) -> (z_dim,)
         common.bar_chart(f'{args.out}/kl_per_dim.png', kl.tolist(), 'latent dimension', 'nats',
                          f'{title}: E[log q(z_i|x) - log p(z_i|z_<i)] (10 samples; they sum to the KL)')
