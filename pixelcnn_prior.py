@@ -245,11 +245,11 @@ def train_epoch(prior, optimizer, codes, args, progress):
 
 @torch.no_grad()
 def evaluate(prior, codes, args):
+    """Test NLL per code, in fp32 even under --amp (only training runs in bfloat16)."""
     prior.eval()
     total = 0.0
     for batch in common.batches(codes, args.batch_size, shuffle=False):
-        with common.autocast(codes.device, args.amp):
-            total += nll_per_grid(prior, batch).float().sum()
+        total += nll_per_grid(prior, batch).sum()
     nll = float(total) / codes.numel()
     return {'nll': nll, 'bits_per_code': nll / math.log(2)}
 

@@ -8,10 +8,13 @@ The argmin has no gradient, so the decoder is fed z_e + sg[z_q - z_e]: z_q in th
 the backward pass the decoder's gradient is copied straight through to z_e (straight-through estimator).
 
 Loss (their eq. 3; sg = stop-gradient), each term a mean over its elements, as in the course:
-    loss = ||x - x_hat||^2             reconstruction: trains encoder and decoder
-         + ||sg[z_e] - e||^2           codebook: moves the chosen codes towards the encoder outputs
-         + beta ||z_e - sg[e]||^2      commitment: keeps the encoder near its codes so z_e cannot drift
+    eq3_loss = ||x - x_hat||^2             reconstruction: trains encoder and decoder
+             + ||sg[z_e] - e||^2           codebook: moves the chosen codes towards the encoder outputs
+             + beta ||z_e - sg[e]||^2      commitment: keeps the encoder near its codes so z_e cannot drift
 beta = 1 as in the course (the paper's 0.25 leaves the codebook term above the reconstruction error here).
+`loss` is what the optimizer minimises: eq3_loss with --codebook loss, eq3_loss without the codebook term
+with --codebook ema (the codes then learn by moving averages). Both are reported; eq3_loss is the number
+to set beside the course's test loss, whatever the codebook mode.
 
 Two ways to learn the codebook (--codebook), side by side. With n_i encoder outputs z_j assigned to code
 i in a batch:
@@ -19,25 +22,32 @@ i in a batch:
     ema    N_i <- g N_i + (1 - g) n_i                                  (appendix A.1, decay g = 0.99;
            m_i <- g m_i + (1 - g) sum_{j -> i} z_j                      no codebook term in the loss)
            e_i  = m_i / N~_i,   N~_i = (N_i + eps) / (N + K eps) N,   N = sum_i N_i  (Laplace smoothing)
-Why ema is the default: Adam moves each code by about --lr per step whatever its gradient, while the
-encoder's outputs grow by a factor 10 in the first 50 steps (measured: RMS 0.7 -> 8.4). Codes starting
-at +-1/K cannot follow; the few that happen to be nearest take every input and the rest die (15 of 128
-used after 2 epochs at beta 0.25). The moving average puts each code at the mean of its inputs at once;
-alone it still leaves the codes that nothing chose dead, hence the two remedies below, all three on by
-default (what each does alone, over 3 seeds: README, VQ-VAE).
+e_i is the weighted mean of the old code (weight g N_i) and of this batch's inputs (weight (1 - g) n_i):
+once N_i is about n_i, each step moves a code 1% of the way to the mean of its inputs, so it is the mean
+of its inputs over the last ~100 batches. Why ema is the default: Adam moves each code by about --lr per
+step whatever its gradient, while the encoder's outputs grow by a factor 10 in the first 50 steps
+(measured: RMS 0.7 -> 8.4). Codes starting at +-1/K cannot follow; the few that happen to be nearest
+take every input and the rest die (15 of 128 used after 2 epochs at beta 0.25). A moving average moves
+by a share of the distance, so it follows outputs of any scale; alone it still leaves the codes that
+nothing chose dead, hence the two remedies below, all three on by default (what each does alone, over
+3 seeds: README, VQ-VAE).
 
 Two more remedies for dead codes, both measured in the README:
     --init kmeans++      the codebook starts as k-means++ seeds (Arthur & Vassilvitskii, 2007) among the
                          encoder outputs of 1,024 training images, instead of uniform in +-1/K (the course's)
     --restart-below N    during training, a code whose moving-average use N_i falls below N encoder outputs
-                         per batch moves to a distinct encoder output of the current batch (plus a little
-                         noise); its Adam moments are reset. Never on an epoch's last step, so every
-                         reported number comes after training steps.
+                         per batch moves to an encoder output of the current batch (plus a little noise);
+                         its Adam moments are reset. Never on an epoch's last step, so every reported
+                         number comes after training steps.
+Every code starts, and every restarted code starts again, with a use N_i of max(2 N, 1): unused, it falls
+below N after ln 2 / (1 - g) = 69 steps, so each code has that long to be chosen before it counts as dead.
+(A start of 1 would count nearly every code dead after the first step and throw the k-means++ seeds away.)
 
 The VQ-VAE has a uniform prior over codes during training, so its loss is not a likelihood; fitting a
 prior over the codes afterwards is the job of pixelcnn_prior.py, which reads this script's model.pt.
 
-Also reported on the test set: perplexity = exp(entropy of code usage) (K if all codes were used
+Test numbers are computed in fp32 also under --amp (only training runs in bfloat16). Also reported on
+the test set: perplexity = exp(entropy of code usage) (K if all codes were used
 equally, 1 if one code did everything), and codes_used, the number of codes chosen at least once.
 
 Run:
@@ -82,7 +92,8 @@ def parse_args(argv=None):
     p.add_argument('--restart-below', type=float, default=4.0,
                    help="move a code whose moving-average use falls below this many encoder outputs per batch "
                         "(of 8,192 at batch 128; 64 each if all 128 codes were used equally) to a fresh encoder "
-                        "output; 0 turns restarts off. 4 is far below even use, so only dying codes move")
+                        "output; 0 turns restarts off. 4 is far below even use; every code starts with a use of "
+                        "twice this, so it has 69 steps to be chosen before it counts as dead")
     p.add_argument('--clip-grad', type=float, default=0.0,
                    help="clip the gradient norm at this value, 0 for none. The course clips at 1; here 1 lowers "
                         "recon by a quarter after 2 epochs (the first steps' norms reach 54) but not after 20 "
@@ -124,7 +135,8 @@ class VQVAE(nn.Module):
         self.codebook = nn.Embedding(num_codes, code_dim)
         nn.init.uniform_(self.codebook.weight, -1 / num_codes, 1 / num_codes)  # the course's init
         # Moving averages: N_i, the use of each code (for --codebook ema and for restarts), and m_i, the
-        # sum of its encoder outputs (ema only). They start as if each code had been given itself once.
+        # sum of its encoder outputs (ema only). They start as if each code had been given itself once;
+        # a training run sets the start it needs with set_use.
         self.register_buffer('ema_count', torch.ones(num_codes))
         self.register_buffer('ema_sum', self.codebook.weight.detach().clone())
 
@@ -155,13 +167,15 @@ class VQVAE(nn.Module):
 def loss_terms(model, x, beta, codebook_loss=True):
     """The VQ-VAE loss and its terms (van den Oord et al., 2017, eq. 3), each a mean over elements. With
     an EMA codebook (codebook_loss=False) the codebook term is reported but is not part of the loss.
-    Also in the dict, not losses: 'codes' and 'z_e', which the codebook's updates need."""
+    'loss' is what is minimised, 'eq3_loss' all three terms in either mode. Also in the dict, not losses:
+    'codes' and 'z_e', which the codebook's updates need."""
     x_hat, z_e, z_q, codes = model(x)
     recon = F.mse_loss(x_hat, x)                  # ||x - x_hat||^2
     codebook = F.mse_loss(z_q, z_e.detach())      # ||sg[z_e] - e||^2: only the codebook learns from it
     commitment = F.mse_loss(z_e, z_q.detach())    # ||z_e - sg[e]||^2: only the encoder learns from it
-    loss = recon + beta * commitment + (codebook if codebook_loss else 0)
-    return {'loss': loss, 'recon_mse': recon, 'codebook': codebook, 'commitment': commitment,
+    eq3 = recon + codebook + beta * commitment    # eq. 3 whole: the course's test loss, in both modes
+    loss = eq3 if codebook_loss else recon + beta * commitment  # what is minimised
+    return {'loss': loss, 'eq3_loss': eq3, 'recon_mse': recon, 'codebook': codebook, 'commitment': commitment,
             'codes': codes, 'z_e': z_e}
 
 
@@ -188,6 +202,19 @@ def ema_update(model, z_e, codes, decay, move_codes, eps=1e-5):
         model.codebook.weight.copy_(model.ema_sum / smoothed[:, None])  # e_i = m_i / N~_i
 
 
+def fresh_use(threshold):
+    """The use N_i a code starts with, at the start and after a restart: twice the restart threshold, so that
+    unused it takes ln 2 / (1 - g) = 69 steps to count as dead (1 with restarts off, as if given itself once)."""
+    return max(2 * threshold, 1.0)
+
+
+@torch.no_grad()
+def set_use(model, use):
+    """Every code's use N_i to `use`, its sum m_i to match (so the EMA codebook keeps e_i = m_i / N_i)."""
+    model.ema_count.fill_(use)
+    model.ema_sum.copy_(model.codebook.weight * use)
+
+
 @torch.no_grad()
 def kmeans_pp_init(model, z_e):
     """k-means++ seeding (Arthur & Vassilvitskii, 2007): the first code is a random encoder output, each
@@ -200,26 +227,30 @@ def kmeans_pp_init(model, z_e):
         chosen.append(int(torch.multinomial(d2 + 1e-12, 1)))  # + 1e-12: all-equal outputs still draw
         d2 = torch.minimum(d2, (flat - flat[chosen[-1]]).pow(2).sum(1))
     model.codebook.weight.copy_(flat[chosen])
-    model.ema_sum.copy_(flat[chosen] * model.ema_count[:, None])
+    model.ema_sum.copy_(flat[chosen] * model.ema_count[:, None])  # e_i = m_i / N_i still holds
 
 
 @torch.no_grad()
 def restart_dead_codes(model, z_e, optimizer, threshold, noise=0.01):
     """Codes whose moving-average use N_i fell below `threshold` are nearest to nothing: they get no
-    gradient and no EMA update and would stay dead. Move each to a distinct encoder output of this batch
-    (plus noise, a hundredth of the outputs' spread, so no two codes are equal), give it a use of twice
-    the threshold so that it has some steps to be chosen, and reset its Adam moments (--codebook loss):
-    the first to zero, the second to the live codes' average, so that its next steps are of the usual
-    size."""
+    gradient and no EMA update and would stay dead. Move each to an encoder output of this batch (distinct
+    ones while the batch has enough; plus noise, a hundredth of the outputs' spread, so no two codes are
+    equal), give it the use a new code starts with (fresh_use: 69 steps to be chosen) and reset its Adam
+    moments (--codebook loss): the first to zero, the second to the live codes' average. With the first
+    moment at zero and Adam's bias correction long over, its first step is a tenth of the usual size,
+    growing to the usual size over about ten steps."""
     live = model.ema_count >= threshold
     dead = (~live).nonzero().flatten()
     if len(dead) == 0:
         return 0
     flat = flatten_grid(z_e)  # (N, D)
-    picks = flat[torch.randperm(len(flat), device=flat.device)[:len(dead)]]  # distinct rows of this batch
-    new = picks + noise * flat.std().clamp_min(1e-3) * torch.randn_like(picks)  # apart even if outputs are equal
+    n = len(flat)  # a small batch may hold fewer outputs than there are dead codes: then draw with replacement
+    rows = torch.randperm(n, device=flat.device)[:len(dead)] if n >= len(dead) else torch.randint(
+        n, (len(dead),), device=flat.device)
+    picks = flat[rows]  # (dead, D)
+    new = picks + noise * flat.std(correction=0).clamp_min(1e-3) * torch.randn_like(picks)  # apart even if equal
     model.codebook.weight[dead] = new
-    model.ema_count[dead] = 2 * threshold  # ln 2 / (1 - decay) = 69 steps to be chosen, else restarted again
+    model.ema_count[dead] = fresh_use(threshold)
     model.ema_sum[dead] = new * model.ema_count[dead, None]
     state = optimizer.state.get(model.codebook.weight, {})
     if 'exp_avg' in state:
@@ -256,12 +287,12 @@ def train_epoch(model, optimizer, x, args, progress, loss_fn=loss_terms):
 
 @torch.no_grad()
 def evaluate(model, x, args):
-    """Mean test terms (weighted by batch size), plus perplexity and codes used over the whole set."""
+    """Mean test terms (weighted by batch size), plus perplexity and codes used over the whole set, in eval
+    mode (batch norm's running statistics: an image's codes do not depend on its batch)."""
     model.eval()
     totals, counts = {}, torch.zeros(args.num_codes, dtype=torch.long, device=x.device)
-    for batch in common.batches(x, args.batch_size, shuffle=False):
-        with common.autocast(x.device, args.amp):
-            terms = loss_terms(model, batch, args.beta, args.codebook == 'loss')
+    for batch in common.batches(x, args.batch_size, shuffle=False):  # fp32 even under --amp: reported numbers
+        terms = loss_terms(model, batch, args.beta, args.codebook == 'loss')
         codes, _ = terms.pop('codes'), terms.pop('z_e')
         for k, v in terms.items():
             totals[k] = totals.get(k, 0.0) + v.float() * len(batch)
@@ -281,9 +312,11 @@ def main(argv=None):
             model.codebook.weight.requires_grad_(False)  # moved by ema_update, not by the optimizer
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
         state = common.restore(previous, args, model, optimizer)
-        if previous is None and args.init == 'kmeans++':
-            with torch.no_grad(), common.autocast(device, args.amp):
-                kmeans_pp_init(model, model.encoder(train_x[torch.randperm(len(train_x))[:1024]]))
+        if previous is None:  # a new codebook: every code with the use of a new code, then the seeds
+            set_use(model, fresh_use(args.restart_below))
+            if args.init == 'kmeans++':
+                with torch.no_grad(), common.autocast(device, args.amp):
+                    kmeans_pp_init(model, model.encoder(train_x[torch.randperm(len(train_x))[:1024]]))
         train_loss = torch.compile(loss_terms) if args.compile else loss_terms  # same function, fused kernels
 
         for epoch in range(state['epoch'] + 1, args.epochs + 1):
