@@ -1,18 +1,34 @@
 """Small helpers every script's `main` calls: data, options, the run's folder and checkpoint, progress,
-pictures. No model and no training loop lives here. Bad input ends with `fail(...)`: one line, no traceback."""
+pictures. No model and no training loop lives here. Bad input ends with `fail(...)`: one line, no traceback.
+Each script imports this module before torch: a Ctrl-C while torch loads then also ends in one line."""
 import argparse
 import contextlib
+import errno
 import json
 import math
 import os
 import pickle
+import re
 import shlex
+import shutil
+import signal
 import sys
 import time
 
-import numpy as np
-import torch
-import torchvision
+
+def _interrupted_while_starting(signum, frame):
+    print('\ninterrupted while starting; nothing was written', file=sys.stderr)
+    os._exit(130)  # at once: no library's `except` can swallow it, nothing is left half-imported
+
+
+_MAIN = getattr(sys.modules['__main__'], '__file__', None)  # run as `python <script>.py`, not by pytest
+if _MAIN and os.path.dirname(os.path.abspath(_MAIN)) == os.path.dirname(os.path.abspath(__file__)) and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_while_starting)  # while torch loads; claim_out takes over
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
 
 import matplotlib
 matplotlib.use('Agg')  # files only: works on servers and in CI, never opens a window
@@ -44,9 +60,11 @@ def load_2d(name, n_train=10_000, n_test=2_500, seed=0):
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
-    """Admits numpy arrays and plain containers only, so a hostile pickle cannot run code."""
+    """Admits numpy arrays and plain containers only, so a hostile pickle cannot run code. (Protocol 2, the
+    Python 2 one, spells an array's bytes as _codecs.encode(text, 'latin1'): harmless, so admitted too.)"""
     def find_class(self, module, name):
-        if module.split('.')[0] == 'numpy' and name in ('ndarray', 'dtype', '_reconstruct', 'scalar', '_frombuffer'):
+        if (module.split('.')[0] == 'numpy' and name in ('ndarray', 'dtype', '_reconstruct', 'scalar', '_frombuffer')
+                or (module, name) == ('_codecs', 'encode')):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f'it asks for {module}.{name}, which is not a numpy array')
 
@@ -64,7 +82,11 @@ def _from_pickle(path):
 
 
 def _from_torchvision(name, data_dir):
-    """torchvision's copy (downloaded once) as uint8 (N, H, W[, C]) arrays; one line on failure."""
+    """torchvision's copy (downloaded once) as uint8 (N, H, W[, C]) arrays; one line on failure, and the
+    folders the failed download made are removed."""
+    if data_dir.endswith('.pkl'):
+        fail(f'--data-dir is the folder that holds {name}.pkl, and {data_dir} does not exist')
+    created = _missing_folders(data_dir)
     try:
         if name == 'svhn':  # torchvision keeps SVHN as (N, C, H, W): -> (N, H, W, C) like the others
             return [torchvision.datasets.SVHN(data_dir, split=s, download=True).data.transpose(0, 2, 3, 1)
@@ -72,6 +94,7 @@ def _from_torchvision(name, data_dir):
         dataset = torchvision.datasets.CIFAR10 if name == 'cifar10' else torchvision.datasets.MNIST
         return [np.asarray(dataset(data_dir, train=t, download=True).data) for t in (True, False)]
     except Exception as e:
+        _remove_empty(created)
         fail(f'no {os.path.join(data_dir, name)}.pkl, and the torchvision download into {data_dir} failed '
              f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}). Put the course data.zip\'s '
              f'{name}.pkl into {data_dir}/ or run once with network access.')
@@ -110,24 +133,30 @@ def take_subset(train, test, subset):
 # ---------------------------------------------------------------------------------------------------- options
 
 
-def positive(kind):
+def positive(kind, high=math.inf, low=0, or_zero=False):
+    """An argparse type: a finite number above `low` (from `low` on, with or_zero), at most `high`."""
     def parse(text):
-        if not kind(text) > 0:
-            raise argparse.ArgumentTypeError(f'must be positive, got {text}')
-        return kind(text)
+        value = kind(text)
+        if not (math.isfinite(value) and (value >= low if or_zero else value > low) and value <= high):
+            wanted = (f'at least {low:g}' if or_zero and low else 'zero or more' if or_zero else
+                      f'above {low:g}' if low else 'positive') + (' and finite' if kind is float else '')
+            raise argparse.ArgumentTypeError(f'must be {wanted}{f", at most {high:,}" if high < math.inf else ""}, '
+                                             f'got {text}')
+        return value
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
 
 
 def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, amp=True, compile=False, out='<dataset>'):
     """The shared options; `why` gives the reason for this script's defaults, shown in --help."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # a flag is spelled whole, so the printed resume command runs
     p.add_argument('--dataset', choices=datasets, default=dataset, help=f'data to model (default: {dataset})')
     p.add_argument('--data-dir', default='./data', help='folder where <dataset>.pkl lives or torchvision downloads to')
     p.add_argument('--epochs', type=positive(int), default=epochs, help=f'total training epochs. {why["epochs"]}')
     p.add_argument('--batch-size', type=positive(int), default=batch_size, help=why['batch_size'])
     p.add_argument('--lr', type=positive(float), default=lr, help=f'Adam learning rate. {why["lr"]}')
-    p.add_argument('--seed', type=int, default=0,
+    p.add_argument('--seed', type=positive(int, high=2**63 - 1, or_zero=True), default=0,
                    help='random seed; on the CPU the same seed and thread count repeat a run exactly')
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps'], help='auto: cuda, mps, cpu')
     p.add_argument('--out', default=None, help=f'output folder (default: results/{script}/{out})')
@@ -162,13 +191,42 @@ def autocast(device, enabled):  # bfloat16 autocast with --amp, else a no-op
 # ---------------------------------------------------------------------------------------------------- the run
 
 
+def _missing_folders(path):
+    """The folders that making `path` would create, innermost first."""
+    created, folder = [], os.path.abspath(path)
+    while not os.path.exists(folder):
+        created, folder = created + [folder], os.path.dirname(folder)
+    return created
+
+
+def _remove_empty(folders):
+    for folder in folders:  # innermost first; rmdir refuses a folder that holds anything
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
+_KEYS = {'model', 'optimizer', 'config', 'script', 'epoch', 'rng', 'history', 'train_seconds', 'train_examples',
+         'segments'}  # what save_checkpoint writes and restore reads
+_REPLACING = {}  # --out -> the old run's files that --overwrite removes once the new run's first checkpoint is in
+
+
 def _read_checkpoint(path, quiet=False):
-    """The checkpoint at path, None if there is none; a damaged one stops the run (quiet: is None)."""
+    """The checkpoint at path, None if there is none; a damaged or foreign file stops the run (quiet: is None)."""
+    if not os.path.exists(path):
+        return None
+    if not os.path.isfile(path):
+        fail(f'{path} is not a file; move it away, or use another --out')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True) if os.path.exists(path) else None
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        if not quiet:
-            fail(f'{path} is damaged ({type(e).__name__}); start again with --overwrite, or use another --out')
+        ckpt, why = None, f'is damaged ({type(e).__name__})'
+    else:
+        why = 'is not a checkpoint of these scripts'
+    if isinstance(ckpt, dict) and _KEYS <= set(ckpt) and isinstance(ckpt['config'], dict) and \
+            {'epochs', 'seed', 'dataset'} <= set(ckpt['config']):
+        return ckpt
+    if not quiet:
+        fail(f'{path} {why}; replace it with --overwrite, or use another --out')
 
 
 def _live_writer(lock):
@@ -183,6 +241,9 @@ def _live_writer(lock):
 def _interrupted(args, script, argv, path):
     """The Ctrl-C handler: one line naming the epoch really on disk (read back, so also right when Ctrl-C lands
     during the checkpoint write) and the shell-quoted command that goes on from it; exit status 130."""
+    if args.out in _REPLACING:  # --overwrite before its first checkpoint: the old run is still all there
+        print(f'\ninterrupted before the first epoch ended; the run in {args.out} is kept as it was', file=sys.stderr)
+        raise SystemExit(130)
     epoch = (_read_checkpoint(path, quiet=True) or {}).get('epoch')
     flag = '--resume' if epoch is not None and epoch < args.epochs and not args.sample_only else '--sample-only'
     kept = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ('--resume', '--overwrite', '--sample-only')]
@@ -195,61 +256,95 @@ def _interrupted(args, script, argv, path):
     raise SystemExit(130)
 
 
+def _as_option(key, value):
+    """How to ask for `value` of option `key` on the command line."""
+    return f'--{key.replace("_", "-")} {value}' if value is not None else f'no --{key.replace("_", "-")}'
+
+
 @contextlib.contextmanager
 def claim_out(args, script, argv, fixed=()):
     """Own --out or stop before touching it; yields the checkpoint there for --resume / --sample-only (else
-    None). A fresh run never replaces a trained model; one process writes a folder at a time (a lock file
-    with its pid; a dead process's lock is taken over); a resumed run keeps the options in `fixed`; Ctrl-C
-    anywhere exits 130 with one line naming the epoch on disk; a failed start leaves no empty folders."""
+    None). A fresh run never replaces a trained model; --overwrite replaces only a run of this script, and
+    only once its first checkpoint is written (a failure before leaves the old run as it was); one process
+    writes a folder at a time (a lock file with its pid; a dead process's lock is taken over); a resumed run
+    keeps the options in `fixed`; Ctrl-C anywhere exits 130 with one line naming the epoch on disk; a
+    failed start leaves no empty folders."""
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, the handler below
     args.out = os.path.join('results', script, args.dataset) if args.out is None else args.out
     path, lock = os.path.join(args.out, 'model.pt'), os.path.join(args.out, '.lock')
     again = args.resume or args.sample_only  # argparse has refused any two of --resume, --overwrite, --sample-only
     if not args.out:
         fail("--out '' names no folder")
-    previous = None if args.overwrite else _read_checkpoint(path)
-    if previous and not again:
+    previous = _read_checkpoint(path, quiet=args.overwrite)  # --overwrite may replace a damaged file
+    if previous and previous['script'] != script:
+        fail(f'{args.out} holds a {previous["script"]}.py run, which {script}.py never replaces; use another --out')
+    if previous and not again and not args.overwrite:
         fail(f'{args.out} already holds a run (epoch {previous["epoch"]} of {previous["config"]["epochs"]}); use '
              f'--resume to continue it, --overwrite to start again, or --out DIR')
     if again and not previous:
         data_dir = [] if args.data_dir == './data' else ['--data-dir', args.data_dir]
         fail(f'{"--resume" if args.resume else "--sample-only"}: no checkpoint at {path}; train first with: '
              + shlex.join(['python', f'{script}.py', '--dataset', args.dataset] + data_dir + ['--out', args.out]))
-    for key in ('script', 'dataset') + tuple(fixed) if previous else ():
-        was, now = previous['config'].get(key, previous.get(key)), script if key == 'script' else getattr(args, key)
+    for key in ('dataset',) + tuple(fixed) if previous and again else ():
+        was, now = previous['config'].get(key, previous.get(key)), getattr(args, key)
+        if was != now and key.endswith('_sha256'):  # the hash of the file that option --<name> reads
+            name = key[:-len('_sha256')]
+            fail(f'{path} was trained on {_as_option(name, previous["config"].get(name))} (sha256 {was}), and this '
+                 f'run reads {getattr(args, name)} ({"sha256 " + now if now else "no such file"}). Pass '
+                 f'{_as_option(name, previous["config"].get(name))}, or use another --out')
         if was != now:
-            fail(f'{path} was written by {was}.py, not {now}.py' if key == 'script' else
-                 f'{path} has {key}={was}, this run asks for {now}; a resumed run keeps its model and objective')
+            fail(f'{path} was trained with {_as_option(key, was)}, and this run has {_as_option(key, now)}: a '
+                 f'resumed run keeps its model and objective. Pass {_as_option(key, was)}, or use another --out')
     if args.resume and args.epochs < previous['epoch']:
         fail(f'--resume: {path} has trained {previous["epoch"]} epochs, more than --epochs {args.epochs}; pass '
              f'--epochs {previous["epoch"]} or more, or use --sample-only')
-    created, folder = [], os.path.abspath(args.out)  # the folders this run makes: removed if left empty
-    while not os.path.exists(folder):
-        created, folder = created + [folder], os.path.dirname(folder)
+    created = _missing_folders(args.out)  # the folders this run makes: removed if left empty
     try:
         os.makedirs(args.out, exist_ok=True)
         writer = _live_writer(lock)
         if writer:
-            fail(f'{args.out} is being written by another run (pid {writer}); wait for it, or use another --out')
+            fail(f'{args.out} is being written by another run (pid {writer}); wait for it. If no run writes there '
+                 f'(that pid may now be another program), delete {lock}')
         with open(f'{lock}.{os.getpid()}', 'w') as f:  # written whole, then renamed: a lock is never half-written
             f.write(str(os.getpid()))
         os.replace(f'{lock}.{os.getpid()}', lock)
     except OSError as e:
         fail(f'cannot write to --out {args.out} ({e.strerror})')
-    try:
-        for name in os.listdir(args.out) if args.overwrite else []:  # so that a folder never mixes two runs
-            if name in ('model.pt', 'metrics.json') or name.endswith('.png'):
+    for name in os.listdir(args.out):  # temp files of a writer that was killed: we hold the lock now
+        if re.fullmatch(r'model\.pt\.\d+\.tmp|\.lock\.\d+', name):
+            with contextlib.suppress(OSError):
                 os.remove(os.path.join(args.out, name))
+    if args.overwrite and os.path.exists(path):  # the old run's own files: model.pt, metrics.json, its pictures
+        _REPLACING[args.out] = [path] + _files_of_run(args.out)
+    _PICTURES.clear()
+    try:
         torch.manual_seed(args.seed)
-        yield previous
+        yield None if args.overwrite else previous
     except KeyboardInterrupt:
         _interrupted(args, script, argv, path)
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and 'alloc' not in str(e):
+            raise
+        asked = [f'{int(n) / 2**30:.1f} GiB' for n in re.findall(r'allocate (\d+) bytes', str(e))]
+        fail(f'out of memory{" (" + asked[0] + " asked for at once)" if asked else ""}: use smaller sizes or --batch-size')
     finally:
+        _REPLACING.pop(args.out, None)
         for leftover in (f'{path}.{os.getpid()}.tmp', lock):
             with contextlib.suppress(OSError):
                 os.remove(leftover)
-        for folder in created:  # innermost first; rmdir refuses a folder that holds anything
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
+        _remove_empty(created)
+
+
+def _files_of_run(out):
+    """metrics.json and the pictures it lists: what the run in `out` wrote besides model.pt."""
+    try:
+        with open(os.path.join(out, 'metrics.json')) as f:
+            pictures = json.load(f).get('pictures', [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [os.path.join(out, 'metrics.json')] + [os.path.join(out, os.path.basename(p)) for p in pictures
+                                                  if isinstance(p, str) and p.endswith('.png')]
 
 
 def restore(previous, args, model, optimizer):
@@ -262,12 +357,13 @@ def restore(previous, args, model, optimizer):
     try:
         model.load_state_dict(previous['model'])
         optimizer.load_state_dict(previous['optimizer'])
-    except (RuntimeError, ValueError, KeyError) as e:
-        fail(f'{args.out}/model.pt does not fit this model ({str(e).splitlines()[0]})')
+        if args.seed == previous['config']['seed']:
+            torch.set_rng_state(previous['rng'])  # the CPU stream only: a resumed CUDA run draws other noise
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        fail(f'{args.out}/model.pt does not fit this model ({str(e).splitlines()[0][:200]}); replace it with '
+             f'--overwrite, or use another --out')
     for group in optimizer.param_groups:  # a new --lr applies on --resume (e.g. after a NaN)
         group['lr'] = args.lr
-    if args.seed == previous['config']['seed']:
-        torch.set_rng_state(previous['rng'])  # the CPU stream only: a resumed CUDA run draws other noise
     state = {k: previous[k] for k in ('epoch', 'history', 'train_seconds', 'train_examples', 'segments')}
     if args.sample_only:
         args.epochs = state['epoch']  # no training: the run is as long as what was trained
@@ -286,24 +382,46 @@ def record(state, train_logs, test, seconds, examples):
                  train_examples=state['train_examples'] + examples)
 
 
+@contextlib.contextmanager
+def _writing(path, kept):
+    """One line, not a traceback, when `path` cannot be written: read-only, a full disk, a vanished folder."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            full = getattr(e, 'errno', None) == errno.ENOSPC or shutil.disk_usage(os.path.dirname(path)).free < 2**24
+        reason = 'the disk is full' if full else getattr(e, 'strerror', None) or str(e).splitlines()[0][:120]
+        fail(f'cannot write {path} ({reason}); {kept}')
+
+
 def save_checkpoint(model, optimizer, args, script, state, **extra):
     """--out/model.pt, atomically: this process's own temp file, then one rename, so a crash or Ctrl-C
-    while writing leaves the previous checkpoint whole."""
+    while writing leaves the previous checkpoint whole. After the first one of an --overwrite run, the old
+    run's metrics.json and pictures go."""
     path = os.path.join(args.out, 'model.pt')
-    torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'config': vars(args),
-                'script': script, 'rng': torch.get_rng_state(), **state, **extra}, f'{path}.{os.getpid()}.tmp')
-    os.replace(f'{path}.{os.getpid()}.tmp', path)
+    kept = (f'{path} keeps epoch {state["epoch"] - 1}' if state['epoch'] > 1 and args.out not in _REPLACING else
+            'no checkpoint of this run was written')
+    with _writing(path, kept):
+        torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'config': vars(args),
+                    'script': script, 'rng': torch.get_rng_state(), **state, **extra}, f'{path}.{os.getpid()}.tmp')
+        os.replace(f'{path}.{os.getpid()}.tmp', path)
+    for old in _REPLACING.pop(args.out, [])[1:]:  # [0] was model.pt, replaced just now
+        with contextlib.suppress(OSError):
+            os.remove(old)
 
 
-def check_finite(train_logs, test, epoch, args, hint=''):
-    """Stop when a loss became NaN or infinite, saying what is on disk and what to try."""
-    bad = ~torch.isfinite(torch.stack([v.float().cpu() for v in train_logs.values()])).all(0)  # (batches,)
+def check_finite(train_logs, test, epoch, args, state, hint=''):
+    """Stop when the loss became NaN or infinite, or exploded (a batch 10,000 times the run's first, which
+    no run that learns comes near), saying what is on disk and what to try."""
+    values = torch.stack([v.float().cpu() for v in train_logs.values()])  # (terms, batches)
+    loss, first = values[0], (state['history']['train'].get(next(iter(train_logs))) or [values[0, 0].item()])[0]
+    bad = ~torch.isfinite(values).all(0) | (loss.abs() > 1e4 * max(abs(first), 1.0))  # (batches,)
     if bad.any() or not all(math.isfinite(v) for v in test.values()):
         where = f'batch {int(bad.nonzero()[0]) + 1}' if bad.any() else 'the test set'
         kept = ('no checkpoint was written' if epoch == 1 else
                 f'{args.out}/model.pt keeps epoch {epoch - 1}, the last good one (continue it with --resume)')
-        fail(f'the loss became NaN or infinite in epoch {epoch}, {where}; {kept}. Try a smaller --lr (now '
-             f'{args.lr}){hint}')
+        fail(f'the loss diverged (NaN, infinite, or 10,000 times its start) in epoch {epoch}, {where}; {kept}. '
+             f'Try a smaller --lr (now {args.lr}){hint}')
 
 
 def batches(x, batch_size, shuffle, progress=None):
@@ -335,17 +453,29 @@ def print_epoch(state, epochs, test, seconds):
 
 
 def write_metrics(args, script, state, final, **extra):
-    """metrics.json (final test numbers, history, segments, speed) and curves.png."""
+    """metrics.json (final test numbers, history, segments, speed, the pictures written) and curves.png.
+    A number that is not finite is written as null: strict JSON has no NaN or Infinity."""
+    plot_curves(os.path.join(args.out, 'curves.png'), state['history'], state['epoch'], f'{script} on {args.dataset}')
     metrics = {'script': script, 'dataset': args.dataset, 'config': vars(args), 'epochs_trained': state['epoch'],
                'final_test': final, 'test_history': state['history']['test'], 'segments': state['segments'],
                'train_seconds': round(state['train_seconds'], 2),
-               'train_examples_per_s': round(state['train_examples'] / max(state['train_seconds'], 1e-9), 1), **extra}
-    with open(os.path.join(args.out, 'metrics.json'), 'w') as f:
-        json.dump(metrics, f, indent=2)
-    plot_curves(os.path.join(args.out, 'curves.png'), state['history'], state['epoch'], f'{script} on {args.dataset}')
+               'train_examples_per_s': round(state['train_examples'] / max(state['train_seconds'], 1e-9), 1),
+               'pictures': sorted(set(_PICTURES)), **extra}
+    path = os.path.join(args.out, 'metrics.json')
+    with _writing(path, f'{args.out}/model.pt holds the trained model: redo this with --sample-only'):
+        with open(path, 'w') as f:
+            json.dump(_strict(metrics), f, indent=2, allow_nan=False)
     print('final test: ' + '  '.join(f'{k} {v:.4g}' for k, v in final.items()))
     print(f'wrote {args.out}/ (metrics.json, model.pt, pictures)')
     return metrics
+
+
+def _strict(value):
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 # ---------------------------------------------------------------------------------------------------- pictures
@@ -358,7 +488,7 @@ def image_grid(path, images, nrow, title=None):
     plt.imshow(grid.permute(1, 2, 0).numpy(), interpolation='nearest')  # (C, H, W) -> (H, W, C)
     plt.axis('off')
     plt.title(title or '', fontsize=9)
-    _save(fig, path, bbox_inches='tight')
+    save_figure(fig, path, bbox_inches='tight')
 
 
 def plot_curves(path, history, epochs, title):
@@ -378,7 +508,7 @@ def plot_curves(path, history, epochs, title):
         ax.set(title=key, xlabel='epoch')
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def bar_chart(path, values, xlabel, ylabel, title):
@@ -386,11 +516,16 @@ def bar_chart(path, values, xlabel, ylabel, title):
     ax.bar(np.arange(len(values)), np.asarray(values, dtype=float))
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.set_title(title, fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _save(fig, path, **kwargs):
+_PICTURES = []  # the pictures this run wrote: metrics.json lists them, so --overwrite removes only those
+
+
+def save_figure(fig, path, **kwargs):
     if 'bbox_inches' not in kwargs:
         fig.tight_layout()
-    fig.savefig(path, dpi=100, **kwargs)
+    with _writing(path, f'{os.path.dirname(path)}/model.pt holds the trained model: redo this with --sample-only'):
+        fig.savefig(path, dpi=100, **kwargs)
     plt.close(fig)
+    _PICTURES.append(os.path.basename(path))

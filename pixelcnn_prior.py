@@ -36,15 +36,17 @@ metrics.json, model.pt.
 import hashlib
 import math
 import os
+import shlex
 import sys
 import time
 
+import common  # first: it makes a Ctrl-C while torch loads end in one line
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
 import vqvae
+import vae_image
 from vae_image import bits_per_dim, gaussian_log_prob  # the image VAE's Gaussian decoder and bits/dim
 
 
@@ -64,16 +66,20 @@ def parse_args(argv=None):
                    help='residual / gated layers; 12 lets the gated stacks reach the whole 8x8 grid')
     p.add_argument('--temperature', type=common.positive(float), default=1.0,
                    help='sampling temperature for samples.png: 1 samples the model itself, < 1 is more conservative')
-    p.add_argument('--decoder-std', type=common.positive(float), default=1.0,
+    p.add_argument('--decoder-std', type=vae_image.DECODER_STD, default=1.0,
                    help="std of the Gaussian decoder in the bits-per-dim bound; 1 matches vae_image.py's default")
     args = p.parse_args(argv)
     if args.out is None:  # one folder per architecture, so the two runs can be compared
         args.out = os.path.join('results', 'pixelcnn_prior', args.dataset, args.arch)
-    args.vqvae = args.vqvae or os.path.join('results', 'vqvae', args.dataset, 'model.pt')
+    args.vqvae = args.vqvae or default_vqvae(args.dataset)
     if args.temperature < 1e-6:  # logits / T overflow float32 near 1e-38; from 0.01 on it is already near argmax
         p.error(f'argument --temperature: {args.temperature} is too small to sample with; use 1e-6 or more')
     args.vqvae_sha256 = sha256(args.vqvae) if os.path.isfile(args.vqvae) else None  # --resume checks it
     return args
+
+
+def default_vqvae(dataset):
+    return os.path.join('results', 'vqvae', dataset, 'model.pt')  # where vqvae.py writes by default
 
 
 def sha256(path):
@@ -185,23 +191,25 @@ ARCHS = {'pixelcnn': PixelCNN, 'gated': GatedPixelCNN}
 
 def load_vqvae(args, device):
     """Rebuild the VQ-VAE from its checkpoint alone, or stop with one line saying what to run first."""
-    if not os.path.exists(args.vqvae):
-        common.fail(f'no VQ-VAE checkpoint at {args.vqvae}; run first: python vqvae.py --dataset {args.dataset}'
-                    f' --data-dir {args.data_dir}')
+    if not os.path.isfile(args.vqvae):
+        folder, name = os.path.split(args.vqvae)  # vqvae.py writes <--out>/model.pt
+        out = [] if args.vqvae == default_vqvae(args.dataset) else ['--out', folder or '.']
+        common.fail(f'no VQ-VAE checkpoint at {args.vqvae}; ' + ('train one first: ' + shlex.join(
+            ['python', 'vqvae.py', '--dataset', args.dataset, '--data-dir', args.data_dir] + out)
+            if name == 'model.pt' else 'pass the model.pt that vqvae.py wrote'))
     try:
         ckpt = torch.load(args.vqvae, map_location=device, weights_only=True)
-        cfg = ckpt['config']
-    except Exception as e:
-        common.fail(f'{args.vqvae} is not a readable checkpoint ({type(e).__name__})')
-    if ckpt.get('script') != 'vqvae':
-        common.fail(f'{args.vqvae} was written by {ckpt.get("script")}.py, not vqvae.py')
+        script, cfg, channels = ckpt.get('script'), ckpt['config'], ckpt.get('channels')
+        model = vqvae.VQVAE(channels, cfg['num_codes'], cfg['code_dim']).to(device) if script == 'vqvae' else None
+        if model is not None and cfg['dataset'] == args.dataset:
+            model.load_state_dict(ckpt['model'])
+    except Exception as e:  # unreadable, foreign, or not fitting its own config: all end in one line
+        common.fail(f'{args.vqvae} is not a VQ-VAE checkpoint of vqvae.py ({type(e).__name__}: '
+                    f'{str(e).splitlines()[0][:120] if str(e) else ""})')
+    if script != 'vqvae':
+        common.fail(f'{args.vqvae} was written by {script}.py, not vqvae.py')
     if cfg['dataset'] != args.dataset:
         common.fail(f'{args.vqvae} is a VQ-VAE of {cfg["dataset"]}, not {args.dataset}')
-    model = vqvae.VQVAE(ckpt['channels'], cfg['num_codes'], cfg['code_dim']).to(device)
-    try:
-        model.load_state_dict(ckpt['model'])
-    except RuntimeError as e:
-        common.fail(f'{args.vqvae} does not fit the VQ-VAE its config describes ({str(e).splitlines()[0]})')
     return model.eval(), cfg
 
 
@@ -290,7 +298,7 @@ def main(argv=None):
             train_logs = train_epoch(prior, optimizer, train_codes, args, (epoch, args.epochs))
             seconds = time.time() - start
             test = evaluate(prior, test_codes, args)
-            common.check_finite(train_logs, test, epoch, args)
+            common.check_finite(train_logs, test, epoch, args, state)
             common.record(state, train_logs, test, seconds, len(train_codes))
             common.save_checkpoint(prior, optimizer, args, 'pixelcnn_prior', state)
             common.print_epoch(state, args.epochs, test, seconds)

@@ -487,10 +487,15 @@ def test_vq_and_prior_bound_by_hand(image_dir, tmp_path):
 
 
 def test_prior_without_vqvae_says_what_to_run(image_dir, tmp_path):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit) as e:  # the command it suggests writes where --vqvae looks
+        pixelcnn_prior.main(['--dataset', 'cifar10', '--data-dir', image_dir, '--vqvae', str(tmp_path / 'vq/model.pt'),
+                             '--out', str(tmp_path / 'prior')])
+    assert f'python vqvae.py --dataset cifar10 --data-dir {image_dir} --out {tmp_path / "vq"}' in str(e.value.code)
+    with pytest.raises(SystemExit) as e:  # a file vqvae.py would not have written
         pixelcnn_prior.main(['--dataset', 'cifar10', '--data-dir', image_dir, '--vqvae', str(tmp_path / 'no.pt'),
                              '--out', str(tmp_path / 'prior')])
-    assert 'python vqvae.py --dataset cifar10' in str(e.value.code)
+    assert 'no VQ-VAE checkpoint at' in str(e.value.code) and 'vqvae.py wrote' in str(e.value.code)
+    assert not (tmp_path / 'prior').exists()
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -507,6 +512,10 @@ def test_data_zip_loader(tmp_path):
     x, _ = common.load_images('mnist', str(tmp_path))
     assert x.shape == (2, 1, 32, 32)
     assert (x[:, :, 2:30, 2:30] == 1).all() and (x[:, :, :2] == -1).all()  # zero-padded to 32x32
+    with open(tmp_path / 'cifar10.pkl', 'wb') as f:  # protocol 2 spells the bytes through _codecs.encode
+        pickle.dump({'train': train, 'test': train}, f, protocol=2)
+    assert common.load_images('cifar10', str(tmp_path))[0][0, :, 0, 0].tolist() == pytest.approx(
+        [-1.0, 1.0, 128 / 127.5 - 1], abs=1e-6)
 
 
 def write_torchvision_files(root, name, train, test):
@@ -648,14 +657,101 @@ def test_a_new_run_never_replaces_a_trained_model(tmp_path):
 def test_overwrite_starts_again_in_a_clean_folder(tmp_path, capsys):
     out = tmp_path / 'run'
     first = vae_2d.main(TWO_EPOCHS + ['--out', str(out)])
-    (out / 'old_picture.png').write_bytes(b'from the old run')
+    (out / 'notes.png').write_bytes(b'the user\'s, not the run\'s')
+    metrics = read_metrics(out)  # as if the old run had also drawn a picture the new one does not
+    (out / 'metrics.json').write_text(json.dumps({**metrics, 'pictures': metrics['pictures'] + ['old.png']}))
+    (out / 'old.png').write_bytes(b'from the old run')
     second = vae_2d.main(['--epochs', '1', '--subset', '1000', '--iw-samples', '5', '--seed', '1', '--out', str(out),
                           '--overwrite'])
-    assert not (out / 'old_picture.png').exists() and second['epochs_trained'] == 1
+    assert not (out / 'old.png').exists() and (out / 'notes.png').exists() and second['epochs_trained'] == 1
+    assert sorted(os.listdir(out)) == sorted(['model.pt', 'metrics.json', 'notes.png'] + second['pictures'])
     assert torch.load(out / 'model.pt', weights_only=True)['epoch'] == 1 and second['final_test'] != first['final_test']
     with pytest.raises(SystemExit) as e:  # argparse refuses the pair before anything is read or written
         vae_2d.main(TWO_EPOCHS + ['--out', str(out), '--overwrite', '--resume'])
     assert e.value.code == 2 and 'not allowed with argument --overwrite' in capsys.readouterr().err
+
+
+def test_overwrite_that_fails_keeps_the_old_run_byte_for_byte(image_dir, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / 'run')
+    run = ['--dataset', 'cifar10', '--data-dir', image_dir, '--epochs', '1', '--batch-size', '32', '--iw-samples', '2',
+           '--iw-examples', '4', '--out', out, '--overwrite']
+    vae_image.main(run[:-1])
+    before = files(out)
+    absent = 'cuda' if not torch.cuda.is_available() else 'mps' if not torch.backends.mps.is_available() else None
+    for bad in [['--data-dir', str(tmp_path / 'typo')], ['--subset', '1']] + [['--device', absent]] * bool(absent):
+        refused(vae_image.main, run + bad)
+        assert files(out) == before, bad
+    monkeypatch.setattr(vae_image, 'train_epoch', ctrl_c)  # Ctrl-C in the first epoch
+    with pytest.raises(SystemExit) as e:
+        vae_image.main(run)
+    assert e.value.code == 130 and 'kept as it was' in capsys.readouterr().err and files(out) == before
+    monkeypatch.setattr(vae_image, 'train_epoch', lambda *a: {'neg_elbo': torch.tensor([math.nan])})  # NaN at once
+    refused(vae_image.main, run, 'diverged', 'no checkpoint was written')
+    assert files(out) == before
+
+
+def test_what_is_not_a_run_is_never_taken_for_one(tmp_path):
+    out = tmp_path / 'run'
+    out.mkdir()
+    for foreign in ({'weight': torch.zeros(2)}, torch.zeros(3), [1, 2], {'model': {}, 'config': {}}):
+        torch.save(foreign, out / 'model.pt')
+        before = files(out)
+        for flag in ([], ['--resume'], ['--sample-only']):
+            refused(vae_2d.main, TWO_EPOCHS + ['--out', str(out)] + flag, 'is not a checkpoint of these scripts',
+                    '--overwrite')
+            assert files(out) == before
+    (out / 'model.pt').unlink()
+    (out / 'model.pt').mkdir()  # a folder where the checkpoint should be: even --overwrite stops
+    (out / 'metrics.json').write_text('{"keep": 1}')
+    for flag in ([], ['--overwrite']):
+        refused(vae_2d.main, TWO_EPOCHS + ['--out', str(out)] + flag, 'model.pt is not a file', 'move it away')
+        assert (out / 'metrics.json').read_text() == '{"keep": 1}'
+
+
+def test_failed_writes_end_in_one_line(tmp_path, monkeypatch):
+    out = tmp_path / 'run'
+    real_save = torch.save
+
+    def full_disk(obj, path):
+        real_save(obj, path)  # the temp file is half-written, then the device is full
+        raise RuntimeError('[enforce fail at inline_container.cc:603] . unexpected pos 1 vs 0')
+
+    monkeypatch.setattr(torch, 'save', full_disk)
+    monkeypatch.setattr(common.shutil, 'disk_usage', lambda path: shutil_usage(0))
+    refused(vae_2d.main, TWO_EPOCHS + ['--out', str(out)], 'cannot write', 'model.pt (the disk is full)',
+            'no checkpoint of this run was written')
+    assert not out.exists()  # neither the temp file nor an empty folder is left
+    monkeypatch.undo()
+    out.mkdir()
+    (out / 'metrics.json').mkdir()  # a metrics.json that cannot be written
+    refused(vae_2d.main, TWO_EPOCHS + ['--out', str(out)], 'cannot write', 'metrics.json', '--sample-only')
+    assert torch.load(out / 'model.pt', weights_only=True)['epoch'] == 2  # the trained model is kept
+
+
+def shutil_usage(free):
+    import shutil
+    return shutil._ntuple_diskusage(10**9, 10**9 - free, free)
+
+
+def test_leftovers_of_a_killed_run_are_cleared(tmp_path):
+    out = tmp_path / 'run'
+    vae_2d.main(TWO_EPOCHS + ['--out', str(out)])
+    (out / 'model.pt.999999.tmp').write_bytes(b'half a checkpoint of a writer killed with -9')
+    (out / '.lock.999999').write_text('999999')
+    vae_2d.main(TWO_EPOCHS[2:] + ['--epochs', '3', '--out', str(out), '--resume'])
+    assert not any(n.endswith('.tmp') or n.startswith('.lock') for n in os.listdir(out))
+
+
+def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
+    import signal
+    import time
+    p = subprocess.Popen([sys.executable, 'vae_2d.py', '--out', str(tmp_path / 'r')], stderr=subprocess.PIPE,
+                         cwd=os.path.dirname(os.path.abspath(__file__)), text=True)
+    time.sleep(0.5)  # python is up, torch is loading
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=300)[1]
+    assert p.returncode == 130 and 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / 'r').exists() or 'model.pt' not in os.listdir(tmp_path / 'r')
 
 
 def test_one_writer_per_folder(tmp_path):
@@ -709,7 +805,7 @@ def test_nan_in_the_first_epoch_says_nothing_was_saved(image_dir, tmp_path, monk
     monkeypatch.setattr(vae_image, 'loss_terms', lambda model, x: {'neg_elbo': nan * model.decoder_std})
     refused(vae_image.main, ['--dataset', 'cifar10', '--data-dir', image_dir, '--epochs', '2',
                              '--out', str(tmp_path / 'new' / 'run')],
-            'NaN or infinite in epoch 1, batch 1', 'no checkpoint was written', '--lr', '--decoder-std')
+            'diverged', 'in epoch 1, batch 1', 'no checkpoint was written', '--lr', '--decoder-std')
     assert not (tmp_path / 'new').exists()  # a failed start leaves no empty folders
 
 
@@ -717,10 +813,18 @@ def test_nan_later_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     out = str(tmp_path / 'run')
     monkeypatch.setattr(vae_2d, 'loss_terms', after_first_checkpoint(
         out, lambda terms: {**terms, 'neg_elbo': terms['neg_elbo'] * math.nan}))
-    refused(vae_2d.main, ['--epochs', '3', '--subset', '1000', '--out', out], 'NaN or infinite in epoch 2, batch 1',
+    refused(vae_2d.main, ['--epochs', '3', '--subset', '1000', '--out', out], 'diverged', 'in epoch 2, batch 1',
             'keeps epoch 1', '--resume')
     ckpt = torch.load(os.path.join(out, 'model.pt'), weights_only=True)
     assert ckpt['epoch'] == 1 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
+
+
+def test_a_loss_that_explodes_stops_like_a_nan(tmp_path, monkeypatch):
+    out = str(tmp_path / 'run')
+    monkeypatch.setattr(vae_2d, 'loss_terms', after_first_checkpoint(
+        out, lambda terms: {**terms, 'neg_elbo': terms['neg_elbo'] * 1e6}))  # finite, but a million times larger
+    refused(vae_2d.main, ['--epochs', '3', '--subset', '1000', '--out', out], 'diverged', 'in epoch 2, batch 1',
+            'keeps epoch 1', '--lr')
 
 
 def test_resume_refuses_a_changed_objective_and_records_segments(image_dir, tmp_path):
@@ -729,9 +833,10 @@ def test_resume_refuses_a_changed_objective_and_records_segments(image_dir, tmp_
            '--iw-examples', '4', '--out', out]
     vae_image.main(run + ['--epochs', '1'])
     before = files(out)
-    refused(vae_image.main, run + ['--epochs', '2', '--resume', '--decoder-std', '0.5'], 'decoder_std=1.0',
-            'asks for 0.5')
-    refused(vae_image.main, run + ['--epochs', '2', '--resume', '--subset', '20'], 'subset=None', 'asks for 20')
+    refused(vae_image.main, run + ['--epochs', '2', '--resume', '--decoder-std', '0.5'], 'trained with --decoder-std 1.0',
+            'this run has --decoder-std 0.5', 'Pass --decoder-std 1.0')
+    refused(vae_image.main, run + ['--epochs', '2', '--resume', '--subset', '20'], 'trained with no --subset',
+            'this run has --subset 20', 'Pass no --subset')
     assert files(out) == before
     m = vae_image.main(run + ['--epochs', '2', '--resume', '--lr', '1e-4', '--seed', '3'])
     assert m['segments'] == [{'from_epoch': 1, 'seed': 0, 'lr': 1e-3, 'batch_size': 32},
@@ -771,12 +876,22 @@ def refused(main, argv, *words):
     return message
 
 
-@pytest.mark.parametrize('bad', [['--epochs', '0'], ['--batch-size', '-1'], ['--lr', '0'], ['--dataset', 'nope'],
-                                 ['--subset', '0']])
-def test_bad_options_exit_2(bad, capsys):
+@pytest.mark.parametrize('main, bad', [(vae_2d, ['--epochs', '0']), (vae_2d, ['--batch-size', '-1']),
+                                       (vae_2d, ['--lr', '0']), (vae_2d, ['--lr', 'inf']), (vae_2d, ['--dataset', 'nope']),
+                                       (vae_2d, ['--subset', '0']), (vae_2d, ['--seed', str(2**63)]),
+                                       (vae_2d, ['--seed', '-1']), (vae_2d, ['--overw']),
+                                       (vae_2d, ['--iw-samples', '1000000000']), (vqvae, ['--clip-grad', '-1']),
+                                       (vqvae, ['--clip-grad', 'nan']), (vqvae, ['--beta', 'inf']),
+                                       (vqvae, ['--restart-below', 'inf']), (vqvae, ['--restart-below', '-1']),
+                                       (vqvae, ['--restart-below', 'nan']), (vlae, ['--log-sigma-bound', 'nan']),
+                                       (vlae, ['--log-sigma-bound', '1e300']), (vlae, ['--log-sigma-bound', '-1']),
+                                       (vae_image, ['--decoder-std', 'inf']), (vae_image, ['--decoder-std', '1e-30']),
+                                       (pixelcnn_prior, ['--temperature', 'inf']), (pixelcnn_prior, ['--decoder-std', '0'])])
+def test_bad_options_exit_2(main, bad, capsys):
     with pytest.raises(SystemExit) as e:
-        vae_2d.main(bad)
-    assert e.value.code == 2 and 'error:' in capsys.readouterr().err
+        main.main(bad + ['--out', '/nonexistent/never/made'])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and 'error:' in err and 'Traceback' not in err
 
 
 def test_bad_data_is_refused_and_nothing_is_overwritten(tmp_path):
@@ -812,10 +927,20 @@ def test_missing_data_without_network(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError('network is unreachable')
 
+    def offline_after_mkdir(root, *args, **kwargs):  # torchvision makes its folder, then the download fails
+        os.makedirs(root, exist_ok=True)
+        offline()
+
     monkeypatch.setattr(torchvision.datasets, 'SVHN', offline)
     message = refused(vae_image.main, ['--dataset', 'svhn', '--data-dir', str(tmp_path), '--out', str(tmp_path / 'o')],
                       'svhn.pkl', 'network is unreachable')
     assert str(tmp_path) in message
+    monkeypatch.setattr(torchvision.datasets, 'CIFAR10', offline_after_mkdir)
+    refused(vae_image.main, ['--dataset', 'cifar10', '--data-dir', str(tmp_path / 'new' / 'data'), '--out',
+                             str(tmp_path / 'o')], 'network is unreachable')
+    refused(vae_image.main, ['--dataset', 'cifar10', '--data-dir', str(tmp_path / 'cifar10.pkl'), '--out',
+                             str(tmp_path / 'o')], 'the folder that holds cifar10.pkl')
+    assert sorted(os.listdir(tmp_path)) == []  # no folder left by the failed download, none named cifar10.pkl
 
 
 def test_unwritable_out_is_refused(tmp_path):
@@ -832,10 +957,12 @@ def test_wrong_checkpoints_are_refused(image_dir, tmp_path):
     common_args = ['--data-dir', image_dir, '--epochs', '1']
     # --resume: another codebook size, another script, another dataset
     refused(vqvae.main, ['--dataset', 'cifar10', '--num-codes', '16', '--code-dim', '16', '--out', vq, '--resume']
-            + common_args, 'num_codes=8', '16')
-    refused(vae_image.main, ['--dataset', 'cifar10', '--out', vq, '--resume'] + common_args, 'vqvae.py', 'vae_image.py')
+            + common_args, 'trained with --num-codes 8', 'this run has --num-codes 16')
+    for flag in ('--resume', '--overwrite', '--sample-only'):  # a folder of another script's run is never touched
+        refused(vae_image.main, ['--dataset', 'cifar10', '--out', vq, flag] + common_args, f'{vq} holds a vqvae.py run',
+                'vae_image.py never replaces', 'another --out')
     refused(vqvae.main, ['--dataset', 'mnist', '--num-codes', '8', '--code-dim', '16', '--out', vq, '--resume']
-            + common_args, 'dataset=cifar10')
+            + common_args, 'trained with --dataset cifar10')
     # the prior: a VQ-VAE of another dataset, a checkpoint of another model, a prior over another codebook
     refused(pixelcnn_prior.main, ['--dataset', 'mnist', '--vqvae', vq_ckpt, '--out', str(tmp_path / 'p')]
             + common_args, 'VQ-VAE of cifar10')
@@ -849,8 +976,15 @@ def test_wrong_checkpoints_are_refused(image_dir, tmp_path):
                 '--num-codes', '4', '--code-dim', '16', '--out', str(tmp_path / 'vq4')])
     refused(pixelcnn_prior.main, ['--dataset', 'cifar10', '--vqvae', str(tmp_path / 'vq4' / 'model.pt'), '--out',
                                   prior_out, '--hidden', '8', '--layers', '2', '--resume'] + common_args,
-            'vqvae_sha256=', 'keeps its model and objective')
+            f'trained on --vqvae {vq_ckpt} (sha256 ', f'Pass --vqvae {vq_ckpt}')
+    refused(pixelcnn_prior.main, ['--dataset', 'cifar10', '--out', prior_out, '--hidden', '8', '--layers', '2',
+                                  '--resume'] + common_args, 'this run reads results/vqvae/cifar10/model.pt (no such file)',
+            f'Pass --vqvae {vq_ckpt}')
     (tmp_path / 'junk.pt').write_bytes(b'junk')
     refused(pixelcnn_prior.main, ['--dataset', 'cifar10', '--vqvae', str(tmp_path / 'junk.pt'),
-                                  '--out', str(tmp_path / 'p')] + common_args, 'not a readable checkpoint')
+                                  '--out', str(tmp_path / 'p')] + common_args, 'is not a VQ-VAE checkpoint of vqvae.py')
+    for foreign in ({'model': {}}, torch.zeros(3), [1, 2], {'script': 'vqvae', 'config': {}}):  # loads, but is no VQ-VAE
+        torch.save(foreign, tmp_path / 'junk.pt')
+        refused(pixelcnn_prior.main, ['--dataset', 'cifar10', '--vqvae', str(tmp_path / 'junk.pt'),
+                                      '--out', str(tmp_path / 'p')] + common_args, 'is not a VQ-VAE checkpoint')
     assert open(vq_ckpt, 'rb').read() == before

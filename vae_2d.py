@@ -28,10 +28,10 @@ Writes into results/vae_2d/<dataset>/: samples.png, curves.png, kl_per_dim.png, 
 import math
 import time
 
+import common  # first: it makes a Ctrl-C while torch loads end in one line
 import torch
 import torch.nn as nn
 
-import common
 import matplotlib.pyplot as plt  # common.py has chosen the Agg backend
 
 LOG_2PI = math.log(2 * math.pi)
@@ -46,8 +46,9 @@ def parse_args(argv=None):
         amp=False)
     p.add_argument('--hidden', type=common.positive(int), default=128,
                    help='width of the two hidden layers of encoder and decoder; 128 is ample for 2D data')
-    p.add_argument('--iw-samples', type=common.positive(int), default=100,
-                   help='importance samples K for the final estimate of -log p(x); 100 makes the bound tight here')
+    p.add_argument('--iw-samples', type=common.positive(int, high=10_000), default=100,
+                   help='importance samples K for the final estimate of -log p(x); 100 makes the bound tight here '
+                        '(at most 10,000: twice the largest K of Burda et al.)')
     return p.parse_args(argv)
 
 
@@ -158,9 +159,7 @@ def scatter_2d(path, panels, title):
         ax.set_title(name, fontsize=9)
         ax.set_aspect('equal')
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None):
@@ -178,7 +177,7 @@ def main(argv=None):
             train_logs = train_epoch(model, optimizer, train_x, args.batch_size, progress=(epoch, args.epochs))
             seconds = time.time() - start
             test = evaluate(model, test_x, args.batch_size)
-            common.check_finite(train_logs, test, epoch, args)
+            common.check_finite(train_logs, test, epoch, args, state)
             common.record(state, train_logs, test, seconds, len(train_x))
             common.save_checkpoint(model, optimizer, args, 'vae_2d', state)
             common.print_epoch(state, args.epochs, test, seconds)

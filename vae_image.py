@@ -38,13 +38,15 @@ traversals.png, kl_per_dim.png, curves.png, metrics.json, model.pt.
 import math
 import time
 
+import common  # first: it makes a Ctrl-C while torch loads end in one line
 import torch
 import torch.nn as nn
 
-import common
 from vae_2d import gaussian_log_prob, kl_standard_normal, reparameterise  # the same math as the 2D VAE
 
 NAN_HINT = ', or a larger --decoder-std (a small s makes every pixel error 1/s^2 times dearer)'
+# s from 1e-4, a 78th of one of the 255 steps between pixel levels: far smaller s overflow float32's sums
+DECODER_STD = common.positive(float, low=1e-4, or_zero=True)
 
 
 def make_parser(script='vae_image', doc=__doc__):
@@ -56,11 +58,12 @@ def make_parser(script='vae_image', doc=__doc__):
              'lr': "1e-3: the course's rate, and Adam's usual step."}, compile=True)
     p.add_argument('--latent-dim', type=common.positive(int), default=16,
                    help="size of z; 16 as in the course: enough for coarse image structure, small enough to look at")
-    p.add_argument('--decoder-std', type=common.positive(float), default=1.0,
+    p.add_argument('--decoder-std', type=DECODER_STD, default=1.0,
                    help="fixed std s of p(x|z) on [-1, 1] pixels; 1 is the course's model. Smaller s trades KL for "
                         "sharper reconstructions (see the docstring)")
-    p.add_argument('--iw-samples', type=common.positive(int), default=100,
-                   help='importance samples K for the final estimate of -log p(x); 100 as in Burda et al.')
+    p.add_argument('--iw-samples', type=common.positive(int, high=10_000), default=100,
+                   help='importance samples K for the final estimate of -log p(x); 100 as in Burda et al. (at most '
+                        '10,000: twice their largest K)')
     p.add_argument('--iw-examples', type=common.positive(int), default=500,
                    help='test images used for that estimate: K decodes each, so a subset keeps it quick on a CPU')
     return p
@@ -257,7 +260,7 @@ def main(argv=None):
             train_logs = train_epoch(model, optimizer, train_x, args, (epoch, args.epochs), train_loss)
             seconds = time.time() - start
             test = evaluate(model, test_x, args)
-            common.check_finite(train_logs, test, epoch, args, hint=NAN_HINT)
+            common.check_finite(train_logs, test, epoch, args, state, hint=NAN_HINT)
             common.record(state, train_logs, test, seconds, len(train_x))
             common.save_checkpoint(model, optimizer, args, 'vae_image', state)
             common.print_epoch(state, args.epochs, test, seconds)

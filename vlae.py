@@ -34,11 +34,11 @@ Writes into results/vlae/<dataset>/ the same files as vae_image.py.
 """
 import time
 
+import common  # first: it makes a Ctrl-C while torch loads end in one line
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
 import vae_image
 from vae_image import VAE, gaussian_log_prob, reconstruction, reparameterise
 
@@ -134,9 +134,9 @@ def main(argv=None):
     p = vae_image.make_parser('vlae', __doc__)
     p.add_argument('--made-hidden', type=common.positive(int), default=512,
                    help="width of the MADE's two hidden layers; 512 as in the course (128 charged more KL, README)")
-    p.add_argument('--log-sigma-bound', type=float, default=0.0,
+    p.add_argument('--log-sigma-bound', type=common.positive(float, high=20, or_zero=True), default=0.0,
                    help="bound b on the flow's log sigma, through b tanh(. / b); 0 leaves it free: b = 1, the "
-                        "course's, made no measurable difference (README)")
+                        "course's, made no measurable difference (README). At most 20: sigma up to e^20")
     args = p.parse_args(argv)
     fixed = ('latent_dim', 'decoder_std', 'subset', 'made_hidden', 'log_sigma_bound')
     with common.claim_out(args, 'vlae', argv, fixed=fixed) as previous:
@@ -154,7 +154,7 @@ def main(argv=None):
             train_logs = vae_image.train_epoch(model, optimizer, train_x, args, (epoch, args.epochs), train_loss)
             seconds = time.time() - start
             test = vae_image.evaluate(model, test_x, args, loss_terms)
-            common.check_finite(train_logs, test, epoch, args, hint=vae_image.NAN_HINT)
+            common.check_finite(train_logs, test, epoch, args, state, hint=vae_image.NAN_HINT)
             common.record(state, train_logs, test, seconds, len(train_x))
             common.save_checkpoint(model, optimizer, args, 'vlae', state)
             common.print_epoch(state, args.epochs, test, seconds)

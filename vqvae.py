@@ -61,11 +61,11 @@ model.pt.
 import math
 import time
 
+import common  # first: it makes a Ctrl-C while torch loads end in one line
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
 
 
 def parse_args(argv=None):
@@ -89,12 +89,12 @@ def parse_args(argv=None):
     p.add_argument('--init', choices=['kmeans++', 'uniform'], default='kmeans++',
                    help="codebook start: k-means++ seeds among encoder outputs (default), or uniform in +-1/K "
                         "(the course's)")
-    p.add_argument('--restart-below', type=float, default=4.0,
+    p.add_argument('--restart-below', type=common.positive(float, or_zero=True), default=4.0,
                    help="move a code whose moving-average use falls below this many encoder outputs per batch "
                         "(of 8,192 at batch 128; 64 each if all 128 codes were used equally) to a fresh encoder "
                         "output; 0 turns restarts off. 4 is far below even use; every code starts with a use of "
                         "twice this, so it has 69 steps to be chosen before it counts as dead")
-    p.add_argument('--clip-grad', type=float, default=0.0,
+    p.add_argument('--clip-grad', type=common.positive(float, or_zero=True), default=0.0,
                    help="clip the gradient norm at this value, 0 for none. The course clips at 1; here 1 lowers "
                         "recon by a quarter after 2 epochs (the first steps' norms reach 54) but not after 20 "
                         "(5 and 3 seeds: README, VQ-VAE), so it is off")
@@ -324,7 +324,7 @@ def main(argv=None):
             train_logs = train_epoch(model, optimizer, train_x, args, (epoch, args.epochs), train_loss)
             seconds = time.time() - start
             test = evaluate(model, test_x, args)[0]
-            common.check_finite(train_logs, test, epoch, args)
+            common.check_finite(train_logs, test, epoch, args, state)
             common.record(state, train_logs, test, seconds, len(train_x))
             common.save_checkpoint(model, optimizer, args, 'vqvae', state, channels=train_x.shape[1])
             common.print_epoch(state, args.epochs, test, seconds)
