@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 import vqvae
 import vae_image
-from vae_image import bits_per_dim, gaussian_log_prob  # the image VAE's Gaussian decoder and bits/dim
+from vae_image import bits_per_dim, discrete_log_prob, fit_discrete_scale, gaussian_log_prob  # the image VAE's
 
 
 def parse_args(argv=None):
@@ -288,6 +288,10 @@ def main(argv=None):
         train_x, test_x = common.take_subset(*common.load_images(args.dataset, args.data_dir), args.subset)
         train_codes, _ = encode(vq, train_x.to(device), args.decoder_std)
         test_codes, test_recon = encode(vq, test_x.to(device), args.decoder_std)
+        with torch.no_grad():  # the discrete likelihood's scale, fitted on training images (vae_image.py)
+            fit = train_x[:500].to(device)
+            scale = fit_discrete_scale(fit, vq(fit)[0])
+            test_recon_discrete = torch.cat([-discrete_log_prob(b, vq(b)[0], scale) for b in test_x.to(device).split(256)])
         del train_x
         prior = ARCHS[args.arch](args.num_codes, args.hidden, args.layers).to(device)
         optimizer = torch.optim.Adam(prior.parameters(), lr=args.lr)
@@ -309,6 +313,10 @@ def main(argv=None):
         final['recon_nll'] = float(test_recon.mean())
         final['neg_log_px_bound'] = final['recon_nll'] + final['nll'] * test_codes[0].numel()
         final['bits_per_dim'] = bits_per_dim(final['neg_log_px_bound'], dims)
+        # the same bound for 8-bit images: -log P(x) <= -log P(x | z_q) - log p(z_q), P discrete
+        final['discrete_scale'] = scale
+        final['bits_per_dim_discrete'] = (float(test_recon_discrete.mean()) + final['nll'] * test_codes[0].numel()) / (
+            dims * math.log(2))
 
         title = f'{args.arch} prior on {args.dataset}'
         start = time.time()

@@ -13,11 +13,13 @@ import shlex
 import struct
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 import scipy.io
 import torch
+import torch.nn.functional as F
 
 import common
 import vae_2d
@@ -174,12 +176,37 @@ def test_image_vae_end_to_end(script, image_dir, tmp_path):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     m = read_metrics(out)
     assert set(m['final_test']) >= {'neg_elbo', 'recon', 'kl', 'mse', 'bits_per_dim', 'sse_plus_kl', 'nll_iw',
-                                    'bits_per_dim_iw', 'active_units'}
+                                    'bits_per_dim_iw', 'active_units', 'bits_per_dim_discrete',
+                                    'bits_per_dim_iw_discrete', 'discrete_scale'}
     assert m['test_history']['neg_elbo'][-1] < m['test_history']['neg_elbo'][0]
     f = m['final_test']
     assert f['bits_per_dim'] == pytest.approx(vae_image.bits_per_dim(f['neg_elbo'], 3072))  # tested below
-    if script is vlae:  # the KL N(0, I) would charge is a closed form; the flow's is estimated
-        assert f['kl_if_standard_prior'] > 0
+    assert 0 < f['bits_per_dim_discrete'] < 8.5 and f['bits_per_dim_iw_discrete'] > 0  # bits of 8-bit pixels
+    # sse_plus_kl, the course's number: the summed squared error plus the KL; at s = 1 the reconstruction term is
+    # 1/2 (D log 2 pi + SSE), so SSE = 2 recon - D log 2 pi, an identity whatever the network
+    assert f['sse_plus_kl'] == pytest.approx(2 * f['recon'] - 3072 * math.log(2 * math.pi) + f['kl'], rel=1e-5)
+    assert f['sse_plus_kl'] == pytest.approx(f['mse'] * 3072 + f['kl'], rel=1e-6)
+    if script is vlae:  # the KL N(0, I) would charge, from the checkpoint alone, with torch.distributions
+        ckpt = torch.load(os.path.join(out, 'model.pt'), weights_only=True)
+        model = vae_image.VAE(3, 16, 1.0, prior=vlae.FlowPrior(16, ckpt['config']['made_hidden']))
+        model.load_state_dict(ckpt['model'])
+        with torch.no_grad():
+            mu, logvar = model.encoder(common.load_images('cifar10', image_dir)[1])  # the 16 test images
+            q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+            kl = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum(1).mean()
+        assert f['kl_if_standard_prior'] == pytest.approx(float(kl), rel=1e-5)
+
+
+def test_reported_image_numbers_are_fp32_under_amp():
+    """--amp trains in bfloat16; the test numbers it reports are the same as without it."""
+    torch.manual_seed(0)
+    model, x = vae_image.VAE(3, 16, 0.1), torch.rand(8, 3, 32, 32) * 2 - 1
+    results = []
+    for amp in (True, False):
+        torch.manual_seed(1)  # the same posterior samples
+        results.append(vae_image.evaluate(model, x, vae_image.make_parser().parse_args(['--batch-size', '4'] +
+                                                                                       ['--amp'] * amp)))
+    assert results[0] == results[1]
 
 
 def test_image_vae_on_one_channel_mnist(image_dir, tmp_path):
@@ -214,6 +241,40 @@ def test_bits_per_dim_is_the_density_on_the_0_255_scale():
     assert vae_image.bits_per_dim(3072 * math.log(2), 3072) == pytest.approx(math.log2(255))
 
 
+# ------------------------------------------------------------------------- the discrete likelihood (issue 22)
+
+LEVELS = torch.arange(256, dtype=torch.float64) / 127.5 - 1  # the 256 values of an 8-bit pixel on [-1, 1]
+
+
+@pytest.mark.parametrize('mean, scale', [(0.3, 0.05), (-0.99, 0.002), (1.5, 0.3), (0.0, 1e-3), (0.9, 3.0)])
+def test_discrete_likelihood_is_the_gaussian_mass_of_each_level(mean, scale):
+    """Against torch.distributions: the CDF difference over the level's bin, the end bins taking the tails;
+    and the 256 masses sum to one."""
+    log_p = vae_image.discrete_log_prob(LEVELS[:, None], torch.full((256, 1), mean, dtype=torch.float64), scale)  # (256,)
+    normal = torch.distributions.Normal(torch.tensor(mean, dtype=torch.float64), scale)
+    upper = torch.where(LEVELS == 1, 1.0, normal.cdf(LEVELS + 1 / 255))
+    lower = torch.where(LEVELS == -1, 0.0, normal.cdf(LEVELS - 1 / 255))
+    assert torch.allclose(log_p.exp(), upper - lower, atol=1e-12)
+    assert float(log_p.exp().sum()) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_discrete_likelihood_sums_to_one_over_every_two_pixel_image():
+    images = torch.cartesian_prod(LEVELS, LEVELS)  # all 65,536 images of two 8-bit pixels
+    log_p = vae_image.discrete_log_prob(images, torch.tensor([[0.2, -0.7]]).expand(len(images), 2), 0.1)
+    assert float(log_p.exp().sum()) == pytest.approx(1.0, abs=1e-9)
+    far = vae_image.discrete_log_prob(torch.tensor([[1.0]]), torch.tensor([[-1.0]]), 0.01)  # 200 std away:
+    assert torch.isfinite(far).all() and far < -19_000  # finite, in the tail, where a plain CDF difference is 0
+
+
+def test_the_fitted_discrete_scale_is_the_likeliest():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (200, 48)).double() / 127.5 - 1
+    x_hat = x + 0.05 * torch.randn_like(x)  # reconstructions off by noise of std 0.05
+    scale = vae_image.fit_discrete_scale(x, x_hat)
+    nll = lambda s: float(-vae_image.discrete_log_prob(x, x_hat, s).mean())
+    assert scale == pytest.approx(0.05, rel=0.1) and nll(scale) <= min(nll(scale * 1.1), nll(scale / 1.1))
+
+
 class LinearGaussian:
     """x = w z + s * noise with z ~ N(0, 1), x in R^4 shaped as a 1x2x2 image, and an encoder that returns
     the exact posterior. Then every importance weight p(x|z) p(z) / q(z|x) equals p(x): the IWAE estimate
@@ -244,6 +305,47 @@ def test_image_iw_nll_is_exact_with_the_true_posterior():
         assert torch.allclose(vae_image.iw_nll(model, x, k), model.neg_log_px(x), atol=1e-4)
 
 
+class ShiftedPrior:
+    """p(z) = N(m, 1): a prior other than N(0, I), so an estimator that assumed N(0, I) would be caught."""
+    def __init__(self, m):
+        self.m = m
+
+    def log_prob(self, z):
+        return torch.distributions.Normal(self.m, 1.0).log_prob(z).sum(-1)
+
+
+def test_image_iw_nll_tightens_towards_the_exact_value_with_a_wrong_posterior():
+    """q(z|x) twice as wide as the posterior and off-centre, prior N(0.8, 1): now the weights differ, K = 1 is
+    the ELBO, and the estimate falls towards the closed form as K grows, never below it (in expectation). An
+    estimator that averaged log-weights, or used N(0, I) for the prior, would stay at the ELBO or miss."""
+    torch.manual_seed(0)
+    w, s, m = torch.tensor([1.5, -0.5, 0.8, 2.0]), 0.7, 0.8
+    model = LinearGaussian(w, s)
+    model.prior = ShiftedPrior(m)
+    exact_posterior = model.encoder
+    model.encoder = lambda x: (exact_posterior(x)[0] + 0.3, exact_posterior(x)[1] + math.log(4.0))
+    x = model.decoder(m + torch.randn(10, 1)) + s * torch.randn(10, 1, 2, 2)
+    cov = s ** 2 * torch.eye(4) + torch.outer(w, w)
+    exact = -torch.distributions.MultivariateNormal(w * m, cov).log_prob(x.flatten(1)).mean()
+    elbo = torch.stack([vae_image.iw_nll(model, x, 1).mean() for _ in range(2000)]).mean()
+    k10 = torch.stack([vae_image.iw_nll(model, x, 10).mean() for _ in range(200)]).mean()
+    k2000 = vae_image.iw_nll(model, x, 2000).mean()
+    assert elbo > k10 + 0.1 > exact + 0.1 and k2000 == pytest.approx(float(exact), abs=0.02), (elbo, k10, k2000, exact)
+
+
+def test_vlae_kl_is_log_q_minus_log_p_at_the_posterior_sample():
+    """With the flow at its start (the identity: p(z) = N(0, I)) the one-sample KL must average to the closed
+    form; the prior evaluated anywhere but at the sample z would not."""
+    torch.manual_seed(0)
+    mu, logvar = torch.tensor([[0.5, -1.0, 2.0]]), torch.tensor([[0.3, -1.5, 0.0]])
+    model = types.SimpleNamespace(  # a fixed posterior, a decoder that ignores z, and the flow at its start:
+        encoder=lambda x: (mu.expand(len(x), -1), logvar.expand(len(x), -1)), decoder_std=1.0,
+        decoder=lambda z: torch.zeros(len(z), 1, 2, 2), prior=vlae.FlowPrior(3, hidden=8))  # zero last layer
+    with torch.no_grad():
+        kl = vlae.loss_terms(model, torch.zeros(200_000, 1, 2, 2))["kl"]
+    assert float(kl) == pytest.approx(float(vae_2d.kl_standard_normal(mu, logvar).sum()), abs=0.01)
+
+
 def random_flow(d=6):
     torch.manual_seed(0)
     prior = vlae.FlowPrior(d, hidden=32)
@@ -257,7 +359,7 @@ def test_made_jacobian_is_lower_triangular_with_log_sigma_diagonal():
     z = torch.randn(6)
     jac = torch.autograd.functional.jacobian(lambda v: prior(v[None])[0][0], z)  # d eps_i / d z_j: (6, 6)
     assert torch.count_nonzero(jac.triu(1)) == 0  # eps_i never depends on z_j, j >= i, except z_i itself
-    assert torch.count_nonzero(jac.tril(-1)) > 0  # and does depend on earlier ones
+    assert torch.count_nonzero(jac.tril(-1)) == 15  # and depends on every earlier one: no allowed link dropped
     log_sigma = prior(z[None])[1][0]
     assert torch.allclose(torch.logdet(jac), log_sigma.sum(), atol=1e-5)
     assert torch.allclose(jac.diagonal(), log_sigma.exp(), atol=1e-6)
@@ -294,6 +396,42 @@ def test_nearest_code_matches_brute_force():
                 dists = [float(((z_e[b, :, i, j] - e) ** 2).sum()) for e in model.codebook.weight.detach()]
                 assert codes[b, i, j] == int(np.argmin(dists))
     assert torch.equal(model.lookup(codes)[0, :, 1, 2], model.codebook.weight[codes[0, 1, 2]])
+
+
+def test_nearest_code_under_amp_is_the_fp32_nearest():
+    """Under --amp the encoder's outputs are bfloat16; the distances must still be fp32, or near-ties flip."""
+    torch.manual_seed(0)
+    model = vqvae.VQVAE(3, num_codes=128, code_dim=256)
+    torch.nn.init.normal_(model.codebook.weight)
+    z_e = torch.randn(4, 256, 8, 8).bfloat16()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        codes = model.nearest_code(z_e)
+    brute = torch.cdist(vqvae.flatten_grid(z_e).double(), model.codebook.weight.double()).argmin(1)
+    assert torch.equal(codes.flatten(), brute)
+
+
+def test_usage_stats_on_known_counts():
+    stats = vqvae.usage_stats(torch.tensor([6, 2, 0, 0]))  # p = (3/4, 1/4, 0, 0)
+    assert stats['codes_used'] == 2
+    assert stats['perplexity'] == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
+    assert vqvae.usage_stats(torch.tensor([5, 5, 5, 5]))['perplexity'] == pytest.approx(4.0)  # even use: K
+
+
+def test_evaluate_counts_every_test_output_in_eval_mode():
+    """Usage over the whole set, batch by batch, with batch norm's running statistics: each image's codes are
+    those it gets alone, whatever batch it was in (train mode would make them depend on the batch)."""
+    torch.manual_seed(0)
+    model = vqvae.VQVAE(3, num_codes=16, code_dim=16)
+    model.train()(torch.rand(8, 3, 32, 32) * 2 - 1)  # running statistics away from their start
+    x = torch.rand(12, 3, 32, 32) * 2 - 1
+    args = vqvae.parse_args(['--batch-size', '5', '--num-codes', '16', '--code-dim', '16'])
+    model.train()
+    final, counts = vqvae.evaluate(model, x, args)
+    with torch.no_grad():
+        alone = torch.cat([model(x[i:i + 1])[3].flatten() for i in range(12)])  # model is in eval mode now
+        recon = torch.stack([((model(x[i:i + 1])[0] - x[i:i + 1]) ** 2).mean() for i in range(12)]).mean()
+    assert torch.equal(counts, torch.bincount(alone, minlength=16)) and counts.sum() == 12 * 64
+    assert final['codes_used'] == int((counts > 0).sum()) and final['recon_mse'] == pytest.approx(float(recon))
 
 
 def test_codebook_initialisation_range():
@@ -345,6 +483,20 @@ def test_beta_multiplies_the_commitment_term_and_nothing_else(codebook_loss):
     assert torch.allclose(b['loss'] - a['loss'], 0.5 * a['commitment'])
     codebook = a['codebook'] if codebook_loss else 0  # with an EMA codebook the term is reported, not trained
     assert torch.allclose(a['loss'], a['recon_mse'] + codebook + 0.2 * a['commitment'])
+    # eq. 3 whole, in both modes: the number set beside the course's test loss
+    assert torch.allclose(a['eq3_loss'], a['recon_mse'] + a['codebook'] + 0.2 * a['commitment'])
+    # codebook and commitment are equal in value, so only gradients tell which one beta multiplies: the codes'
+    # gradient from the loss is beta-free, the encoder's output gets beta times the commitment's
+    for terms, beta in ((a, 0.2), (b, 0.7)):
+        z_e = terms['z_e']
+        g_out, = torch.autograd.grad(terms['loss'], z_e, retain_graph=True)
+        g_commit, = torch.autograd.grad(terms['commitment'], z_e, retain_graph=True)
+        g_recon, = torch.autograd.grad(terms['recon_mse'], z_e, retain_graph=True)
+        assert torch.allclose(g_out, g_recon + beta * g_commit, atol=1e-7)
+        if codebook_loss:
+            w = model.codebook.weight
+            g_w, = torch.autograd.grad(terms['loss'], w, retain_graph=True)
+            assert torch.allclose(g_w, torch.autograd.grad(terms['codebook'], w, retain_graph=True)[0])
 
 
 def test_ema_codebook_is_a_running_average():
@@ -387,6 +539,62 @@ def test_a_restart_moves_dead_codes_apart_and_resets_their_adam_moments():
     state = optimizer.state[w]
     assert (state['exp_avg'][:10] == 0).all() and torch.allclose(state['exp_avg_sq'][:10], sq_live.expand(10, -1))
     assert (model.ema_count >= 1.0).all()  # the restarted codes have time to be chosen
+
+
+def test_kmeans_pp_draws_in_proportion_to_the_squared_distance(monkeypatch):
+    """Points 0, 1, 3 and 3.1 on a line, the first seed forced to 0: the second is drawn with probability
+    D^2 / sum D^2 = (0, 1, 9, 9.61) / 19.61, and the third from the distances to the nearer seed."""
+    flat = torch.tensor([0.0, 1.0, 3.0, 3.1])[:, None] * torch.ones(1, 2) / math.sqrt(2)  # 4 points in 2D
+    model = vqvae.VQVAE(1, num_codes=3, code_dim=2)
+    monkeypatch.setattr(torch, 'randint', lambda *a, **k: torch.tensor(0))
+    picks = []
+    for seed in range(3000):
+        torch.manual_seed(seed)
+        vqvae.kmeans_pp_init(model, flat.T.reshape(1, 2, 4, 1))
+        picks.append([int(torch.cdist(model.codebook.weight[i:i + 1], flat).argmin()) for i in range(3)])
+    second = np.bincount([p[1] for p in picks], minlength=4) / 3000
+    assert second[0] == 0 and second[1] == pytest.approx(1 / 19.61, abs=0.015)
+    assert second[3] == pytest.approx(9.61 / 19.61, abs=0.03)
+    # after 0 and 3: the third is 1 (D^2 = 1) or 3.1 (D^2 = 0.01): 1 with probability 1 / 1.01
+    third = [p[2] for p in picks if p[1] == 2]
+    assert np.mean([t == 1 for t in third]) > 0.97
+
+
+def test_no_restart_in_the_first_steps_and_a_dead_code_restarts_after_69():
+    """Every code starts with the use a restarted code gets, 2 x threshold: on well-spread outputs none
+    counts as dead in the first steps (a start at 1 would restart them all after one step), and a code
+    nothing chooses is restarted when 8 x 0.99^t falls below 4, at step 69."""
+    torch.manual_seed(0)
+    model = vqvae.VQVAE(1, num_codes=16, code_dim=8)
+    optimizer = torch.optim.Adam([model.codebook.weight])
+    vqvae.set_use(model, vqvae.fresh_use(4.0))
+    vqvae.kmeans_pp_init(model, torch.randn(64, 8, 8, 1))
+    for step in range(10):
+        z_e = torch.randn(64, 8, 8, 1)  # 512 outputs a step, 32 a code on average
+        vqvae.ema_update(model, z_e, model.nearest_code(z_e), 0.99, move_codes=True)
+        assert vqvae.restart_dead_codes(model, z_e, optimizer, 4.0) == 0, f'step {step + 1}'
+    vqvae.set_use(model, vqvae.fresh_use(4.0))
+    z_e = torch.randn(1, 8, 4, 1)
+    for step in range(1, 80):
+        vqvae.ema_update(model, z_e, torch.ones(1, 4, 1, dtype=torch.long), 0.99, move_codes=False)  # code 1 only
+        if vqvae.restart_dead_codes(model, z_e, optimizer, 4.0):
+            break
+    assert step == 69
+
+
+def test_a_restart_needs_no_more_outputs_than_dead_codes(image_dir, tmp_path):
+    """A batch with fewer outputs than dead codes: outputs are drawn again, with noise keeping codes apart."""
+    torch.manual_seed(0)
+    model = vqvae.VQVAE(1, num_codes=16, code_dim=8)
+    z_e = torch.randn(1, 8, 2, 2)  # 4 outputs, 16 dead codes
+    model.ema_count.zero_()
+    assert vqvae.restart_dead_codes(model, z_e, torch.optim.Adam([model.codebook.weight]), 4.0) == 16
+    w = model.codebook.weight
+    assert torch.cdist(w, w).add(torch.eye(16)).min() > 0  # no two codes equal
+    assert torch.cdist(w, vqvae.flatten_grid(z_e)).min(1).values.max() < 0.2  # each next to an output
+    m = vqvae.main(['--dataset', 'cifar10', '--data-dir', image_dir, '--batch-size', '1', '--subset', '10',
+                    '--epochs', '1', '--num-codes', '8', '--code-dim', '16', '--out', str(tmp_path / 'b1')])
+    assert m['epochs_trained'] == 1
 
 
 def test_restarts_never_follow_an_epochs_last_step(monkeypatch):
@@ -437,6 +645,18 @@ def test_vqvae_then_priors_end_to_end(image_dir, tmp_path):
     assert set(m['final_test']) >= {'loss', 'recon_mse', 'codebook', 'commitment', 'perplexity', 'codes_used'}
     assert 1 <= m['final_test']['perplexity'] <= 16 and 1 <= m['final_test']['codes_used'] <= 16
     assert m['test_history']['recon_mse'][-1] < m['test_history']['recon_mse'][0]
+    ckpt = torch.load(os.path.join(vq_out, 'model.pt'), weights_only=True)  # final_test, recomputed by hand on
+    model = vqvae.VQVAE(3, 16, 32)  # the test images, in fp32 although the run trained with --amp
+    model.load_state_dict(ckpt['model'])
+    with torch.no_grad():
+        x = common.load_images('cifar10', image_dir)[1]
+        x_hat, z_e, z_q, codes = model.eval()(x)
+    p = torch.bincount(codes.flatten(), minlength=16) / codes.numel()
+    f = m['final_test']
+    assert f['recon_mse'] == pytest.approx(float(((x_hat - x) ** 2).mean()), rel=1e-5)
+    assert f['eq3_loss'] == pytest.approx(float(((x_hat - x) ** 2).mean() + 2 * ((z_e - z_q) ** 2).mean()), rel=1e-5)
+    assert f['codes_used'] == int((p > 0).sum())
+    assert f['perplexity'] == pytest.approx(float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())), rel=1e-5)
     for arch in ('pixelcnn', 'gated'):
         out = str(tmp_path / arch)
         pixelcnn_prior.main(['--dataset', 'cifar10', '--data-dir', image_dir, '--vqvae',
@@ -461,6 +681,31 @@ def test_sampling_at_a_tiny_temperature_takes_the_argmax_in_raster_order():
             assert torch.equal(prior(earlier.view(3, 4, 4))[:, :, i, j].argmax(1), codes[:, i, j])
 
 
+class CountingPrior(torch.nn.Module):
+    """A causal stand-in with a known answer: at raster position p it is sure of (code at p - 1) + 1 mod K,
+    and of 3 at p = 0. Sampled in raster order, every grid must read 3, 4, 5, ... in raster order."""
+    def forward(self, codes):
+        b, h, w = codes.shape
+        before = torch.cat([torch.full((b, 1), 2), codes.flatten(1)[:, :-1]], 1)  # code at p - 1: (B, H*W)
+        return 1e4 * F.one_hot((before + 1) % 10, 10).float().view(b, h, w, 10).permute(0, 3, 1, 2)
+
+
+def test_sampling_goes_in_raster_order_and_writes_each_position():
+    codes = pixelcnn_prior.sample(CountingPrior(), 2, (3, 4), 1.0, 'cpu')
+    assert codes.flatten(1).tolist() == [[(3 + p) % 10 for p in range(12)]] * 2
+
+
+def test_the_priors_codes_come_from_the_vqvae_in_eval_mode(image_dir, tmp_path):
+    vq_out = str(tmp_path / 'vq')
+    vqvae.main(['--dataset', 'cifar10', '--data-dir', image_dir, '--epochs', '1', '--batch-size', '16',
+                '--num-codes', '8', '--code-dim', '16', '--out', vq_out])
+    vq, _ = pixelcnn_prior.load_vqvae(pixelcnn_prior.parse_args(['--dataset', 'cifar10', '--vqvae',
+                                                                  vq_out + '/model.pt']), 'cpu')
+    x = common.load_images('cifar10', image_dir)[1]
+    together, alone = pixelcnn_prior.encode(vq, x, 1.0), pixelcnn_prior.encode(vq, x, 1.0, batch_size=1)
+    assert torch.equal(together[0], alone[0]) and torch.allclose(together[1], alone[1])  # batch-independent
+
+
 def test_vq_and_prior_bound_by_hand(image_dir, tmp_path):
     """-log p(x) <= -log N(x; x_hat(z_q), s^2 I) - sum_i log p(c_i | c_<i), recomputed with torch.distributions
     and a loop over the 64 positions, against what pixelcnn_prior.py reports."""
@@ -483,7 +728,24 @@ def test_vq_and_prior_bound_by_hand(image_dir, tmp_path):
         prior_nll = -sum(log_p[n, codes[n, i, j], i, j] for n in range(16) for i in range(8) for j in range(8)) / 16
     bound = recon.mean() + prior_nll
     assert f['neg_log_px_bound'] == pytest.approx(float(bound), rel=1e-4)
+    # the same bound for 8-bit pixels: each pixel's Gaussian mass over its level's bin, at the fitted scale
+    normal = torch.distributions.Normal(x_hat.double(), f['discrete_scale'])
+    upper = torch.where(x == 1, 1.0, normal.cdf(x.double() + 1 / 255))
+    lower = torch.where(x == -1, 0.0, normal.cdf(x.double() - 1 / 255))
+    recon_discrete = -(upper - lower).log().flatten(1).sum(1)  # (16,)
+    assert f['bits_per_dim_discrete'] == pytest.approx(float((recon_discrete.mean() + prior_nll) / 3072 / math.log(2)),
+                                                       rel=1e-4)
     assert f['bits_per_dim'] == pytest.approx(float(bound / 3072 / math.log(2) + math.log2(127.5)), rel=1e-4)
+
+
+def test_prior_test_nll_is_fp32_under_amp():
+    torch.manual_seed(0)
+    prior, codes = pixelcnn_prior.ARCHS['gated'](10, 8, 3), torch.randint(0, 10, (6, 8, 8))
+    a, b = (pixelcnn_prior.evaluate(prior, codes, pixelcnn_prior.parse_args(['--batch-size', '4'] + flag))
+            for flag in (['--amp'], []))
+    with torch.no_grad():
+        by_hand = F.cross_entropy(prior(codes), codes, reduction="sum") / codes.numel()
+    assert a == b and a['nll'] == pytest.approx(float(by_hand), rel=1e-6)
 
 
 def test_prior_without_vqvae_says_what_to_run(image_dir, tmp_path):

@@ -159,7 +159,7 @@ def main(argv=None):
             common.save_checkpoint(model, optimizer, args, 'vlae', state)
             common.print_epoch(state, args.epochs, test, seconds)
 
-        final = vae_image.final_metrics(model, test_x, args, loss_terms)
+        final = vae_image.final_metrics(model, train_x, test_x, args, loss_terms)
         title = f'vlae on {args.dataset}'
         with torch.no_grad():  # what N(0, I) would charge for the same posteriors: the learned prior's saving
             final['kl_if_standard_prior'] = float(torch.cat(
