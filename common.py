@@ -164,12 +164,14 @@ def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, amp
                    help='train on the first N examples and test on the first N // 5: quick runs')
     again = p.add_mutually_exclusive_group()  # what to do with a run already in --out; none of them: refuse
     again.add_argument('--resume', action='store_true', help='continue the run in --out up to --epochs in total')
-    again.add_argument('--overwrite', action='store_true', help='start again in an --out that holds a run, deleting it')
+    again.add_argument('--overwrite', action='store_true',
+                       help="start again in an --out that holds this script's run; its model.pt, metrics.json and "
+                            "pictures go once the new run's first checkpoint is written (a failure before keeps them)")
     again.add_argument('--sample-only', action='store_true', help='reload --out/model.pt and redraw pictures only')
     if amp:  # convolutions only: the 2D MLPs are too small to gain from it
         p.add_argument('--amp', action='store_true',
-                       help='bfloat16 autocast: 1.7-2x faster on a CPU with bf16 support (README, speed; GPUs '
-                            'unmeasured); off by default: it rounds the numbers, and is slower on CPUs without bf16')
+                       help='train under bfloat16 autocast: 1.7-2x faster on a CPU with bf16 support (README, speed; '
+                            'GPUs unmeasured); test numbers stay fp32. Off by default: slower on CPUs without bf16')
     if compile:  # offered where it measurably helps (README, speed)
         p.add_argument('--compile', action='store_true',
                        help='torch.compile the training step: 1.2-1.4x faster after 10-20 s of compiling; off by '
@@ -462,20 +464,13 @@ def write_metrics(args, script, state, final, **extra):
                'train_examples_per_s': round(state['train_examples'] / max(state['train_seconds'], 1e-9), 1),
                'pictures': sorted(set(_PICTURES)), **extra}
     path = os.path.join(args.out, 'metrics.json')
+    strict = json.loads(json.dumps(metrics), parse_constant=lambda name: None)  # NaN, Infinity -> null
     with _writing(path, f'{args.out}/model.pt holds the trained model: redo this with --sample-only'):
         with open(path, 'w') as f:
-            json.dump(_strict(metrics), f, indent=2, allow_nan=False)
+            json.dump(strict, f, indent=2, allow_nan=False)
     print('final test: ' + '  '.join(f'{k} {v:.4g}' for k, v in final.items()))
     print(f'wrote {args.out}/ (metrics.json, model.pt, pictures)')
     return metrics
-
-
-def _strict(value):
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 # ---------------------------------------------------------------------------------------------------- pictures
