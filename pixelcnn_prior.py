@@ -29,7 +29,7 @@ decodes them with the VQ-VAE.
 
 Run (after vqvae.py for the same dataset):
     python pixelcnn_prior.py --dataset svhn                   # gated, 15 epochs
-    python pixelcnn_prior.py --dataset cifar10 --data-dir ../shared/data --arch pixelcnn
+    python pixelcnn_prior.py --dataset cifar10 --subset 10000 --arch pixelcnn
 Writes into results/pixelcnn_prior/<dataset>/<arch>/: samples.png, temperatures.png, curves.png,
 metrics.json, model.pt.
 """

@@ -31,7 +31,7 @@ Also reported, per test image:
 
 Run:
     python vae_image.py --dataset svhn                       # 20 epochs; downloads SVHN unless ./data/svhn.pkl
-    python vae_image.py --dataset cifar10 --data-dir ../shared/data --epochs 5
+    python vae_image.py --dataset cifar10 --subset 10000 --epochs 5
 Writes into results/vae_image/<dataset>/: samples.png, reconstructions.png, interpolations.png,
 traversals.png, kl_per_dim.png, curves.png, metrics.json, model.pt.
 """

@@ -29,7 +29,7 @@ that N(0, I) would charge for the same posteriors. The gap to `kl` is what the l
 
 Run:
     python vlae.py --dataset svhn
-    python vlae.py --dataset cifar10 --data-dir ../shared/data --epochs 5
+    python vlae.py --dataset cifar10 --subset 10000 --epochs 5
 Writes into results/vlae/<dataset>/ the same files as vae_image.py.
 """
 import time

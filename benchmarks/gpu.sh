@@ -3,12 +3,12 @@
 # and the final numbers, as one markdown table. Meant for a short lease of a GPU machine (about 15
 # minutes in all, start-up included), so the --amp pass comes first and each run has a time limit.
 #
-#   bash benchmarks/gpu.sh [DATA_DIR]        # DATA_DIR holds cifar10.pkl; default ../shared/data/full
+#   bash benchmarks/gpu.sh [DATA_DIR]        # DATA_DIR holds cifar10.pkl; default data
 #
 # Writes into results/gpu/<mode>/<script>/ and prints the table at the end (also results/gpu/table.md).
 set -u
 cd "$(dirname "$0")/.."
-DATA=${1:-../shared/data/full}
+DATA=${1:-data}
 [ -f "$DATA/cifar10.pkl" ] || { echo "no $DATA/cifar10.pkl; pass the folder that holds it" >&2; exit 1; }
 OUT=results/gpu
 LIMIT=${LIMIT:-240}  # seconds per run at most: a run cut short still leaves its last checkpoint
