@@ -995,6 +995,16 @@ def shutil_usage(free):
     return shutil._ntuple_diskusage(10**9, 10**9 - free, free)
 
 
+def test_metrics_json_is_strict_json(tmp_path, monkeypatch):
+    monkeypatch.setattr(vae_2d, 'iw_nll', lambda model, x, k: torch.full((len(x),), math.inf))  # an estimate overflows
+    vae_2d.main(TWO_EPOCHS + ['--out', str(tmp_path)])
+
+    def refuse(name):
+        raise ValueError(f'{name} is not JSON')
+    metrics = json.loads((tmp_path / 'metrics.json').read_text(), parse_constant=refuse)
+    assert metrics['final_test']['nll_iw'] is None and metrics['final_test']['neg_elbo'] > 0
+
+
 def test_leftovers_of_a_killed_run_are_cleared(tmp_path):
     out = tmp_path / 'run'
     vae_2d.main(TWO_EPOCHS + ['--out', str(out)])
