@@ -22,7 +22,9 @@ and the batch) and `bits_per_code`.
 With the VQ-VAE this also bounds the image likelihood: for the deterministic code z_q(x),
     -log p(x) <= -log p(x | z_q) - log p(z_q)
 where p(x | z_q) = N(x_hat(z_q), s^2 I) is the same fixed-variance Gaussian decoder as in vae_image.py
-(s = --decoder-std) and p(z_q) is this prior. It is reported as `bits_per_dim` on the 0-255 scale.
+(s = --decoder-std) and p(z_q) is this prior. It is reported as `bits_per_dim` on the 0-255 scale, and
+as `bits_per_dim_discrete` with vae_image.py's discretised Gaussian for p(x | z_q): a bound on the
+-log2 P(x) / D of 8-bit images that the papers report.
 
 Sampling draws 100 grids position by position (64 network passes), at temperature T (logits / T), and
 decodes them with the VQ-VAE.

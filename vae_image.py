@@ -27,6 +27,10 @@ Also reported, per test image:
     sse_plus_kl   sum of squared errors + KL: the course's convention (SVHN 104.0, CIFAR-10 241.6 after 20
                   epochs); it equals 2 (-ELBO) - D log 2 pi at s = 1, up to the factor on the KL
     nll_iw        importance-weighted estimate of -log p(x) with K samples (Burda et al., 2016)
+    bits_per_dim_discrete, bits_per_dim_iw_discrete
+                  the ELBO and that estimate for 8-bit pixels: p(x|z) a Gaussian discretised to the 256
+                  levels (discrete_log_prob), its scale fitted on training images after training; the
+                  papers' bits/dim, a bound on -log2 P(x) / D
     active_units  latent dimensions whose posterior mean varies over the test set (variance > 0.01)
 
 Run:
