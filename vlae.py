@@ -133,10 +133,12 @@ def kl_per_dim(model, x, samples=10):
 def main(argv=None):
     p = vae_image.make_parser('vlae', __doc__)
     p.add_argument('--made-hidden', type=common.positive(int), default=512,
-                   help="width of the MADE's two hidden layers; 512 as in the course (128 charged more KL, README)")
+                   help="width of the MADE's two hidden layers; 512 as in the course (128 charged more KL: 68.2 +- 2.6 "
+                        "against 61.5 +- 2.4, s = 0.1, 5 epochs, seeds 0-2)")
     p.add_argument('--log-sigma-bound', type=common.positive(float, high=20, or_zero=True), default=0.0,
                    help="bound b on the flow's log sigma, through b tanh(. / b); 0 leaves it free: b = 1, the "
-                        "course's, made no measurable difference (README). At most 20: sigma up to e^20")
+                        "course's, made no measurable difference (KL 61.9 +- 2.6 against 61.5 +- 2.4 free, s = 0.1, 5 epochs, "
+                        "seeds 0-2). At most 20: sigma up to e^20")
     args = p.parse_args(argv)
     fixed = ('latent_dim', 'decoder_std', 'subset', 'made_hidden', 'log_sigma_bound')
     with common.claim_out(args, 'vlae', argv, fixed=fixed) as previous:
