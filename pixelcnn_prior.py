@@ -215,16 +215,17 @@ def load_vqvae(args, device):
     return model.eval(), cfg
 
 
-@torch.no_grad()
 def encode(model, x, decoder_std, batch_size=256):
     """Images -> code grids (N, 8, 8), and -log p(x | z_q) per image under N(x_hat, s^2 I): (N,)."""
-    codes, recon = [], []
-    logvar = torch.tensor(2 * math.log(decoder_std), device=x.device)  # log s^2
-    for batch in x.split(batch_size):
-        x_hat, _, _, c = model(batch)
-        recon.append(-gaussian_log_prob(batch.flatten(1), x_hat.flatten(1), logvar))  # (B, C, H, W) -> (B, D) -> (B,)
-        codes.append(c)
-    return torch.cat(codes), torch.cat(recon)
+    with torch.no_grad():
+        codes, recon = [], []
+        logvar = torch.tensor(2 * math.log(decoder_std), device=x.device)  # log s^2
+        for batch in x.split(batch_size):
+            x_hat, _, _, c = model(batch)
+            # (B, C, H, W) -> (B, D): one log-density per image, (B,)
+            recon.append(-gaussian_log_prob(batch.flatten(1), x_hat.flatten(1), logvar))
+            codes.append(c)
+        return torch.cat(codes), torch.cat(recon)
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -253,30 +254,31 @@ def train_epoch(prior, optimizer, codes, args, progress):
     return dict(zip(terms, torch.stack(logs).T))  # {term: (n_batches,)}
 
 
-@torch.no_grad()
 def evaluate(prior, codes, args):
     """Test NLL per code, in fp32 even under --amp (only training runs in bfloat16)."""
-    prior.eval()
-    total = 0.0
-    for batch in common.batches(codes, args.batch_size, shuffle=False):
-        total += nll_per_grid(prior, batch).sum()
-    nll = float(total) / codes.numel()
-    return {'nll': nll, 'bits_per_code': nll / math.log(2)}
+    with torch.no_grad():
+        prior.eval()
+        total = 0.0
+        for batch in common.batches(codes, args.batch_size, shuffle=False):
+            total += nll_per_grid(prior, batch).sum()
+        nll = float(total) / codes.numel()
+        return {'nll': nll, 'bits_per_code': nll / math.log(2)}
 
 
-@torch.no_grad()
 def sample(prior, n, shape, temperature, device):
     """Draw n grids in raster order: one network pass per position (a progress line on a terminal)."""
-    prior.eval()
-    codes = torch.zeros(n, *shape, dtype=torch.long, device=device)
-    for i in range(shape[0]):
-        for j in range(shape[1]):
-            logits = prior(codes)[:, :, i, j] / temperature  # (n, K): only c_<(i,j) has influenced it
-            codes[:, i, j] = torch.multinomial(F.softmax(logits, dim=1), 1).squeeze(1)
-            if sys.stdout.isatty():
-                print(f'\rsampling {n} grids at T = {temperature}: position {i * shape[1] + j + 1}/{codes[0].numel()}',
-                      end='\r\033[K' if i * shape[1] + j + 1 == codes[0].numel() else '', flush=True)
-    return codes
+    with torch.no_grad():
+        prior.eval()
+        codes = torch.zeros(n, *shape, dtype=torch.long, device=device)
+        for i in range(shape[0]):
+            for j in range(shape[1]):
+                logits = prior(codes)[:, :, i, j] / temperature  # (n, K): only c_<(i,j) has influenced it
+                codes[:, i, j] = torch.multinomial(F.softmax(logits, dim=1), 1).squeeze(1)
+                done = i * shape[1] + j + 1
+                if sys.stdout.isatty():
+                    print(f'\rsampling {n} grids at T = {temperature}: position {done}/{codes[0].numel()}',
+                          end='\r\033[K' if done == codes[0].numel() else '', flush=True)
+        return codes
 
 
 def main(argv=None):

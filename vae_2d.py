@@ -113,41 +113,41 @@ def train_epoch(model, optimizer, x, batch_size, progress):
     return dict(zip(terms, torch.stack(logs).T))  # {term: (n_batches,)}
 
 
-@torch.no_grad()
 def evaluate(model, x, batch_size):
-    model.eval()
-    totals = {}
-    for batch in common.batches(x, batch_size, shuffle=False):
-        for k, v in loss_terms(model, batch).items():
-            totals[k] = totals.get(k, 0.0) + v * len(batch)
-    return {k: float(v) / len(x) for k, v in totals.items()}
+    with torch.no_grad():
+        model.eval()
+        totals = {}
+        for batch in common.batches(x, batch_size, shuffle=False):
+            for k, v in loss_terms(model, batch).items():
+                totals[k] = totals.get(k, 0.0) + v * len(batch)
+        return {k: float(v) / len(x) for k, v in totals.items()}
 
 
-@torch.no_grad()
 def iw_nll(model, x, k, chunk=100):
     """Importance-weighted estimate of -log p(x) with K samples per example (Burda et al., 2016, eq. 8),
         -log p(x) ~= -log 1/K sum_k w_k,   w_k = p(x|z_k) p(z_k) / q(z_k|x),   z_k ~ q(z|x).
     The samples go through the decoder `chunk` at a time and log sum_k w_k is accumulated chunk by chunk,
     so memory stays flat for any K (all at once, K = 100,000 on 500 points would need 25.6 GB)."""
-    mu, logvar = model.encode(x)
-    log_sum_w = torch.full((len(x),), -math.inf, device=x.device)
-    for first in range(0, k, chunk):
-        n = min(chunk, k - first)
-        z = reparameterise(mu, logvar, samples=n)  # (n, B, z_dim)
-        log_w = (gaussian_log_prob(x, *model.decode(z))                         # log p(x|z_k)
-                 + gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))  # + log p(z_k)
-                 - gaussian_log_prob(z, mu, logvar))                              # - log q(z_k|x)   -> (n, B)
-        log_sum_w = torch.logaddexp(log_sum_w, torch.logsumexp(log_w, dim=0))
-    return -(log_sum_w - math.log(k))  # (B,)
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+        log_sum_w = torch.full((len(x),), -math.inf, device=x.device)
+        for first in range(0, k, chunk):
+            n = min(chunk, k - first)
+            z = reparameterise(mu, logvar, samples=n)  # (n, B, z_dim)
+            log_w = (gaussian_log_prob(x, *model.decode(z))                         # log p(x|z_k)
+                     + gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))  # + log p(z_k)
+                     - gaussian_log_prob(z, mu, logvar))                              # - log q(z_k|x)   -> (n, B)
+            log_sum_w = torch.logaddexp(log_sum_w, torch.logsumexp(log_w, dim=0))
+        return -(log_sum_w - math.log(k))  # (B,)
 
 
-@torch.no_grad()
 def latent_usage(model, x):
     """KL per latent dimension (mean over x), and active units: Var_x[mu_j(x)] > 0.01 (Burda et al., 2016)."""
-    mu, logvar = model.encode(x)
-    kl_per_dim = kl_standard_normal(mu, logvar).mean(0)  # (B, z_dim) -> (z_dim,)
-    active = int((mu.var(0) > 0.01).sum())
-    return kl_per_dim, active
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+        kl_per_dim = kl_standard_normal(mu, logvar).mean(0)  # (B, z_dim) -> (z_dim,)
+        active = int((mu.var(0) > 0.01).sum())
+        return kl_per_dim, active
 
 
 def scatter_2d(path, panels, title):

@@ -201,31 +201,31 @@ def train_epoch(model, optimizer, x, args, progress, loss_fn=loss_terms):
     return dict(zip(terms, torch.stack(logs).T))  # {term: (n_batches,)}
 
 
-@torch.no_grad()
 def evaluate(model, x, args, loss_fn=loss_terms):
     """Mean test terms, nats per image, in fp32 even under --amp: reported numbers are not rounded to bf16."""
-    model.eval()
-    totals = {}
-    for batch in common.batches(x, args.batch_size, shuffle=False):
-        terms = loss_fn(model, batch)
-        for k, v in terms.items():
-            totals[k] = totals.get(k, 0.0) + v.float() * len(batch)
-    return with_course_metrics({k: float(v) / len(x) for k, v in totals.items()}, x[0].numel())
+    with torch.no_grad():
+        model.eval()
+        totals = {}
+        for batch in common.batches(x, args.batch_size, shuffle=False):
+            terms = loss_fn(model, batch)
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + v.float() * len(batch)
+        return with_course_metrics({k: float(v) / len(x) for k, v in totals.items()}, x[0].numel())
 
 
-@torch.no_grad()
 def iw_nll(model, x, k, discrete_scale=None):
     """-log p(x) ~= -log 1/K sum_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x) (Burda et al., 2016, eq. 8).
     With discrete_scale, p(x|z) is discrete_log_prob's, and the estimate is of -log P(x) for 8-bit x.
     K = 1 is the ELBO with a one-sample KL."""
-    mu, logvar = model.encoder(x)
-    log_w = []
-    for _ in range(k):  # one decode of the whole batch per sample keeps memory flat
-        z = reparameterise(mu, logvar)
-        recon = (reconstruction(model, x, z)[0] if discrete_scale is None else
-                 -discrete_log_prob(x, model.decoder(z), discrete_scale))
-        log_w.append(-recon + model.prior.log_prob(z) - gaussian_log_prob(z, mu, logvar))  # (B,)
-    return -(torch.logsumexp(torch.stack(log_w), dim=0) - math.log(k))  # (K, B) -> (B,)
+    with torch.no_grad():
+        mu, logvar = model.encoder(x)
+        log_w = []
+        for _ in range(k):  # one decode of the whole batch per sample keeps memory flat
+            z = reparameterise(mu, logvar)
+            recon = (reconstruction(model, x, z)[0] if discrete_scale is None else
+                     -discrete_log_prob(x, model.decoder(z), discrete_scale))
+            log_w.append(-recon + model.prior.log_prob(z) - gaussian_log_prob(z, mu, logvar))  # (B,)
+        return -(torch.logsumexp(torch.stack(log_w), dim=0) - math.log(k))  # (K, B) -> (B,)
 
 
 def active_units(mu):
@@ -233,51 +233,51 @@ def active_units(mu):
     return int((mu.var(0) > 0.01).sum())
 
 
-@torch.no_grad()
 def final_metrics(model, train_x, test_x, args, loss_fn=loss_terms):
     """Test metrics, the importance-weighted -log p(x) on a subset, active units, and both in bits/dim of the
     discrete likelihood (its scale fitted on up to 500 training images)."""
-    model.eval()
-    final = evaluate(model, test_x, args, loss_fn)
-    sub = test_x[:args.iw_examples]
-    dims = test_x[0].numel()
-    final['nll_iw'] = float(torch.cat([iw_nll(model, b, args.iw_samples) for b in sub.split(100)]).mean())
-    final['bits_per_dim_iw'] = bits_per_dim(final['nll_iw'], dims)
-    final['neg_elbo_iw_subset'] = evaluate(model, sub, args, loss_fn)['neg_elbo']
-    fit = train_x[:500]
-    final['discrete_scale'] = scale = fit_discrete_scale(fit, model.decoder(reparameterise(*model.encoder(fit))))
-    for key, x, k in (('bits_per_dim_discrete', test_x, 1), ('bits_per_dim_iw_discrete', sub, args.iw_samples)):
-        nats = torch.cat([iw_nll(model, b, k, scale) for b in x.split(100)]).mean()  # K = 1: the ELBO
-        final[key] = float(nats) / (dims * math.log(2))
-    final['active_units'] = active_units(torch.cat([model.encoder(b)[0] for b in test_x.split(500)]))
-    return final
+    with torch.no_grad():
+        model.eval()
+        final = evaluate(model, test_x, args, loss_fn)
+        sub = test_x[:args.iw_examples]
+        dims = test_x[0].numel()
+        final['nll_iw'] = float(torch.cat([iw_nll(model, b, args.iw_samples) for b in sub.split(100)]).mean())
+        final['bits_per_dim_iw'] = bits_per_dim(final['nll_iw'], dims)
+        final['neg_elbo_iw_subset'] = evaluate(model, sub, args, loss_fn)['neg_elbo']
+        fit = train_x[:500]
+        final['discrete_scale'] = scale = fit_discrete_scale(fit, model.decoder(reparameterise(*model.encoder(fit))))
+        for key, x, k in (('bits_per_dim_discrete', test_x, 1), ('bits_per_dim_iw_discrete', sub, args.iw_samples)):
+            nats = torch.cat([iw_nll(model, b, k, scale) for b in x.split(100)]).mean()  # K = 1: the ELBO
+            final[key] = float(nats) / (dims * math.log(2))
+        final['active_units'] = active_units(torch.cat([model.encoder(b)[0] for b in test_x.split(500)]))
+        return final
 
 
-@torch.no_grad()
 def draw_pictures(model, test_x, out, title):
     """Samples, reconstructions, interpolations and latent traversals, each one PNG."""
-    model.eval()
-    device = test_x.device
-    common.image_grid(f'{out}/samples.png', model.decoder(model.prior.sample(100, device)), 10,
-                      f'{title}: 100 samples (decoder means)')
-    x = test_x[:50]
-    recon = model.decoder(model.encoder(x)[0])
-    pairs = torch.stack([x, recon], dim=1).flatten(0, 1)  # (50, 2, C, H, W) -> (100, C, H, W): image, recon
-    common.image_grid(f'{out}/reconstructions.png', pairs, 10, f'{title}: test images beside reconstructions')
-    mu = model.encoder(test_x[:20])[0]
-    za, zb = mu[:10], mu.flip(0)[:10]  # pairs (0, 19), (1, 18), ...: still works on a tiny test set
-    t = torch.linspace(0, 1, 10, device=device).view(1, 10, 1)  # (10,) -> (1, 10 steps, 1)
-    z = za[:, None] * (1 - t) + zb[:, None] * t  # (pairs, 10 steps, z_dim)
-    common.image_grid(f'{out}/interpolations.png', model.decoder(z.flatten(0, 1)), 10,  # -> (pairs*10, z_dim)
-                      f'{title}: interpolations between test images')
-    # Traversals: two test images, one row per latent dimension, that dimension moved over mu +- 3.
-    mu = model.encoder(test_x[:2])[0]  # (2, z_dim)
-    z_dim, steps = mu.shape[1], torch.linspace(-3, 3, 9, device=device)
-    z = mu[None, :, None].repeat(z_dim, 1, 9, 1)  # (z_dim rows, 2 images, 9 steps, z_dim)
-    for j in range(z_dim):
-        z[j, :, :, j] += steps
-    common.image_grid(f'{out}/traversals.png', model.decoder(z.flatten(0, 2)), 18,  # -> (z_dim*2*9, z_dim)
-                      f'{title}: each row moves one latent dimension over mu +- 3 (two test images)')
+    with torch.no_grad():
+        model.eval()
+        device = test_x.device
+        common.image_grid(f'{out}/samples.png', model.decoder(model.prior.sample(100, device)), 10,
+                          f'{title}: 100 samples (decoder means)')
+        x = test_x[:50]
+        recon = model.decoder(model.encoder(x)[0])
+        pairs = torch.stack([x, recon], dim=1).flatten(0, 1)  # (50, 2, C, H, W) -> (100, C, H, W): image, recon
+        common.image_grid(f'{out}/reconstructions.png', pairs, 10, f'{title}: test images beside reconstructions')
+        mu = model.encoder(test_x[:20])[0]
+        za, zb = mu[:10], mu.flip(0)[:10]  # pairs (0, 19), (1, 18), ...: still works on a tiny test set
+        t = torch.linspace(0, 1, 10, device=device).view(1, 10, 1)  # (10,) -> (1, 10 steps, 1)
+        z = za[:, None] * (1 - t) + zb[:, None] * t  # (pairs, 10 steps, z_dim)
+        common.image_grid(f'{out}/interpolations.png', model.decoder(z.flatten(0, 1)), 10,  # -> (pairs*10, z_dim)
+                          f'{title}: interpolations between test images')
+        # Traversals: two test images, one row per latent dimension, that dimension moved over mu +- 3.
+        mu = model.encoder(test_x[:2])[0]  # (2, z_dim)
+        z_dim, steps = mu.shape[1], torch.linspace(-3, 3, 9, device=device)
+        z = mu[None, :, None].repeat(z_dim, 1, 9, 1)  # (z_dim rows, 2 images, 9 steps, z_dim)
+        for j in range(z_dim):
+            z[j, :, :, j] += steps
+        common.image_grid(f'{out}/traversals.png', model.decoder(z.flatten(0, 2)), 18,  # -> (z_dim*2*9, z_dim)
+                          f'{title}: each row moves one latent dimension over mu +- 3 (two test images)')
 
 
 def kl_per_dim(model, x):

@@ -99,15 +99,15 @@ class FlowPrior(nn.Module):
     def log_prob(self, z):
         return self.conditionals(z).sum(-1)  # (B, D) -> (B,): the chain rule
 
-    @torch.no_grad()
     def sample(self, n, device, eps=None):
         """Invert the flow one dimension at a time: D passes of the MADE."""
-        eps = torch.randn(n, self.z_dim, device=device) if eps is None else eps
-        z = torch.zeros_like(eps)
-        for i in range(self.z_dim):
-            mu, log_sigma = self.made(z)  # entry i is final once z_1..z_{i-1} are
-            z[:, i] = (eps[:, i] - mu[:, i]) * torch.exp(-log_sigma[:, i])
-        return z
+        with torch.no_grad():
+            eps = torch.randn(n, self.z_dim, device=device) if eps is None else eps
+            z = torch.zeros_like(eps)
+            for i in range(self.z_dim):
+                mu, log_sigma = self.made(z)  # entry i is final once z_1..z_{i-1} are
+                z[:, i] = (eps[:, i] - mu[:, i]) * torch.exp(-log_sigma[:, i])
+            return z
 
 
 def loss_terms(model, x):

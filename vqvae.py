@@ -190,18 +190,18 @@ def usage_stats(counts):
 
 # ---------------------------------------------------------------------------------------------- the codebook
 
-@torch.no_grad()
 def ema_update(model, z_e, codes, decay, move_codes, eps=1e-5):
     """One step of the moving averages (appendix A.1; see the docstring at the top). The use N_i is kept
     for both kinds of codebook (restarts read it); the codes themselves move only when move_codes."""
-    flat, k = flatten_grid(z_e), model.ema_count.numel()
-    onehot = F.one_hot(codes.flatten(), k).float()  # (B*H*W, K): which code each encoder output chose
-    model.ema_count.mul_(decay).add_(onehot.sum(0), alpha=1 - decay)  # N_i <- g N_i + (1 - g) n_i
-    if move_codes:
-        model.ema_sum.mul_(decay).add_(onehot.T @ flat, alpha=1 - decay)  # m_i <- g m_i + (1 - g) sum z_j
-        n = model.ema_count.sum()
-        smoothed = (model.ema_count + eps) / (n + k * eps) * n  # no division by zero for an unused code
-        model.codebook.weight.copy_(model.ema_sum / smoothed[:, None])  # e_i = m_i / N~_i
+    with torch.no_grad():
+        flat, k = flatten_grid(z_e), model.ema_count.numel()
+        onehot = F.one_hot(codes.flatten(), k).float()  # (B*H*W, K): which code each encoder output chose
+        model.ema_count.mul_(decay).add_(onehot.sum(0), alpha=1 - decay)  # N_i <- g N_i + (1 - g) n_i
+        if move_codes:
+            model.ema_sum.mul_(decay).add_(onehot.T @ flat, alpha=1 - decay)  # m_i <- g m_i + (1 - g) sum z_j
+            n = model.ema_count.sum()
+            smoothed = (model.ema_count + eps) / (n + k * eps) * n  # no division by zero for an unused code
+            model.codebook.weight.copy_(model.ema_sum / smoothed[:, None])  # e_i = m_i / N~_i
 
 
 def fresh_use(threshold):
@@ -210,29 +210,28 @@ def fresh_use(threshold):
     return max(2 * threshold, 1.0)
 
 
-@torch.no_grad()
 def set_use(model, use):
     """Every code's use N_i to `use`, its sum m_i to match (so the EMA codebook keeps e_i = m_i / N_i)."""
-    model.ema_count.fill_(use)
-    model.ema_sum.copy_(model.codebook.weight * use)
+    with torch.no_grad():
+        model.ema_count.fill_(use)
+        model.ema_sum.copy_(model.codebook.weight * use)
 
 
-@torch.no_grad()
 def kmeans_pp_init(model, z_e):
     """k-means++ seeding (Arthur & Vassilvitskii, 2007): the first code is a random encoder output, each
     next one an output drawn with probability proportional to its squared distance from the codes chosen
     so far. The codebook starts spread over where the encoder's outputs are."""
-    flat = flatten_grid(z_e)  # (N, D)
-    chosen = [int(torch.randint(len(flat), ()))]
-    d2 = (flat - flat[chosen[0]]).pow(2).sum(1)  # squared distance to the nearest chosen code
-    for _ in range(model.ema_count.numel() - 1):
-        chosen.append(int(torch.multinomial(d2 + 1e-12, 1)))  # + 1e-12: all-equal outputs still draw
-        d2 = torch.minimum(d2, (flat - flat[chosen[-1]]).pow(2).sum(1))
-    model.codebook.weight.copy_(flat[chosen])
-    model.ema_sum.copy_(flat[chosen] * model.ema_count[:, None])  # e_i = m_i / N_i still holds
+    with torch.no_grad():
+        flat = flatten_grid(z_e)  # (N, D)
+        chosen = [int(torch.randint(len(flat), ()))]
+        d2 = (flat - flat[chosen[0]]).pow(2).sum(1)  # squared distance to the nearest chosen code
+        for _ in range(model.ema_count.numel() - 1):
+            chosen.append(int(torch.multinomial(d2 + 1e-12, 1)))  # + 1e-12: all-equal outputs still draw
+            d2 = torch.minimum(d2, (flat - flat[chosen[-1]]).pow(2).sum(1))
+        model.codebook.weight.copy_(flat[chosen])
+        model.ema_sum.copy_(flat[chosen] * model.ema_count[:, None])  # e_i = m_i / N_i still holds
 
 
-@torch.no_grad()
 def restart_dead_codes(model, z_e, optimizer, threshold, noise=0.01):
     """Codes whose moving-average use N_i fell below `threshold` are nearest to nothing: they get no
     gradient and no EMA update and would stay dead. Move each to an encoder output of this batch (distinct
@@ -241,24 +240,25 @@ def restart_dead_codes(model, z_e, optimizer, threshold, noise=0.01):
     moments (--codebook loss): the first to zero, the second to the live codes' average. With the first
     moment at zero and Adam's bias correction long over, its first step is a tenth of the usual size,
     growing to the usual size over about ten steps."""
-    live = model.ema_count >= threshold
-    dead = (~live).nonzero().flatten()
-    if len(dead) == 0:
-        return 0
-    flat = flatten_grid(z_e)  # (N, D)
-    n = len(flat)  # a small batch may hold fewer outputs than there are dead codes: then draw with replacement
-    rows = torch.randperm(n, device=flat.device)[:len(dead)] if n >= len(dead) else torch.randint(
-        n, (len(dead),), device=flat.device)
-    picks = flat[rows]  # (dead, D)
-    new = picks + noise * flat.std(correction=0).clamp_min(1e-3) * torch.randn_like(picks)  # apart even if equal
-    model.codebook.weight[dead] = new
-    model.ema_count[dead] = fresh_use(threshold)
-    model.ema_sum[dead] = new * model.ema_count[dead, None]
-    state = optimizer.state.get(model.codebook.weight, {})
-    if 'exp_avg' in state:
-        state['exp_avg'][dead] = 0
-        state['exp_avg_sq'][dead] = state['exp_avg_sq'][live].mean(0) if live.any() else 0
-    return len(dead)
+    with torch.no_grad():
+        live = model.ema_count >= threshold
+        dead = (~live).nonzero().flatten()
+        if len(dead) == 0:
+            return 0
+        flat = flatten_grid(z_e)  # (N, D)
+        n = len(flat)  # a small batch may hold fewer outputs than there are dead codes: then draw with replacement
+        rows = torch.randperm(n, device=flat.device)[:len(dead)] if n >= len(dead) else torch.randint(
+            n, (len(dead),), device=flat.device)
+        picks = flat[rows]  # (dead, D)
+        new = picks + noise * flat.std(correction=0).clamp_min(1e-3) * torch.randn_like(picks)  # apart even if equal
+        model.codebook.weight[dead] = new
+        model.ema_count[dead] = fresh_use(threshold)
+        model.ema_sum[dead] = new * model.ema_count[dead, None]
+        state = optimizer.state.get(model.codebook.weight, {})
+        if 'exp_avg' in state:
+            state['exp_avg'][dead] = 0
+            state['exp_avg_sq'][dead] = state['exp_avg_sq'][live].mean(0) if live.any() else 0
+        return len(dead)
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -287,19 +287,19 @@ def train_epoch(model, optimizer, x, args, progress, loss_fn=loss_terms):
     return dict(zip(terms, torch.stack(logs).T))  # {term: (n_batches,)}
 
 
-@torch.no_grad()
 def evaluate(model, x, args):
     """Mean test terms (weighted by batch size), plus perplexity and codes used over the whole set, in eval
     mode (batch norm's running statistics: an image's codes do not depend on its batch)."""
-    model.eval()
-    totals, counts = {}, torch.zeros(args.num_codes, dtype=torch.long, device=x.device)
-    for batch in common.batches(x, args.batch_size, shuffle=False):  # fp32 even under --amp: reported numbers
-        terms = loss_terms(model, batch, args.beta, args.codebook == 'loss')
-        codes, _ = terms.pop('codes'), terms.pop('z_e')
-        for k, v in terms.items():
-            totals[k] = totals.get(k, 0.0) + v.float() * len(batch)
-        counts += torch.bincount(codes.flatten(), minlength=args.num_codes)
-    return {**{k: float(v) / len(x) for k, v in totals.items()}, **usage_stats(counts)}, counts
+    with torch.no_grad():
+        model.eval()
+        totals, counts = {}, torch.zeros(args.num_codes, dtype=torch.long, device=x.device)
+        for batch in common.batches(x, args.batch_size, shuffle=False):  # fp32 even under --amp: reported numbers
+            terms = loss_terms(model, batch, args.beta, args.codebook == 'loss')
+            codes, _ = terms.pop('codes'), terms.pop('z_e')
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + v.float() * len(batch)
+            counts += torch.bincount(codes.flatten(), minlength=args.num_codes)
+        return {**{k: float(v) / len(x) for k, v in totals.items()}, **usage_stats(counts)}, counts
 
 
 def main(argv=None):
