@@ -126,10 +126,10 @@ def test_chunked_iw_estimate_equals_the_unchunked_one():
     model, x = fixed_tiny_vae()
     x = x[:8]  # 8 points x 2 dims: every chunk of draws is a multiple of 16 values, for which torch's CPU
     results = []  # normal sampler gives the same numbers whether drawn at once or in pieces
-    for chunk in (12, 4, 1000):
+    for chunk in (12, 4, 5, 1000):  # 5: the last chunk is shorter (5 + 5 + 2)
         torch.manual_seed(0)
         results.append(vae_2d.iw_nll(model, x, 12, chunk=chunk))
-    assert torch.allclose(results[0], results[1], atol=1e-5) and torch.allclose(results[0], results[2], atol=1e-5)
+    assert all(torch.allclose(results[0], r, atol=1e-5) for r in results[1:])
     torch.manual_seed(0)  # the same 12 draws, weighted by hand with torch.distributions
     with torch.no_grad():
         mu, logvar = model.encode(x)
@@ -140,6 +140,16 @@ def test_chunked_iw_estimate_equals_the_unchunked_one():
                  + torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1) - q.log_prob(z).sum(-1))
         by_hand = -torch.log(log_w.exp().mean(0))  # (8,): small numbers here, no need for logsumexp
     assert torch.allclose(results[0], by_hand, atol=1e-4)
+
+
+def test_evaluate_is_the_mean_of_each_term_over_the_whole_set(monkeypatch):
+    """Batches of 7 over 50 points (the last one short) give the same means as one pass over all of them."""
+    model, x = fixed_tiny_vae()
+    monkeypatch.setattr(vae_2d, 'reparameterise', lambda mu, logvar, samples=None: mu)  # z = mu: no noise
+    with torch.no_grad():
+        whole = vae_2d.loss_terms(model, x[:50])
+    got = vae_2d.evaluate(model, x[:50], batch_size=7)
+    assert got.keys() == whole.keys() and all(got[k] == pytest.approx(float(whole[k]), rel=1e-5) for k in got)
 
 
 def test_iw_moves_towards_the_true_entropy_on_2d_data(tmp_path):
@@ -159,6 +169,19 @@ def test_an_ignored_latent_dimension_is_inactive():
     assert active == 1 and kl.shape == (2,)
     mu = torch.stack([torch.zeros(300), torch.randn(300)], 1)
     assert vae_image.active_units(mu) == 1
+
+
+def test_latent_usage_on_posteriors_of_known_spread():
+    """Active units count the dimensions whose mean varies over x by more than 0.01: here variances 0, about
+    0.5 and about 4 make two. The KL per dimension is the closed form's average over x."""
+    torch.manual_seed(0)
+    mu = torch.randn(2000, 3) * torch.tensor([0.0, 0.7, 2.0])
+    logvar = torch.randn(2000, 3) * 0.3 - 1.0
+    model = types.SimpleNamespace(encode=lambda x: (mu, logvar))
+    kl, active = vae_2d.latent_usage(model, torch.zeros(2000, 2))
+    expected = torch.distributions.kl_divergence(torch.distributions.Normal(mu, (0.5 * logvar).exp()),
+                                                 torch.distributions.Normal(0.0, 1.0)).mean(0)  # (3,)
+    assert active == 2 and vae_image.active_units(mu) == 2 and torch.allclose(kl, expected, atol=1e-5)
 
 
 # -------------------------------------------------------------------------------------- 2. vae_image, 3. vlae
@@ -342,8 +365,43 @@ def test_vlae_kl_is_log_q_minus_log_p_at_the_posterior_sample():
         encoder=lambda x: (mu.expand(len(x), -1), logvar.expand(len(x), -1)), decoder_std=1.0,
         decoder=lambda z: torch.zeros(len(z), 1, 2, 2), prior=vlae.FlowPrior(3, hidden=8))  # zero last layer
     with torch.no_grad():
-        kl = vlae.loss_terms(model, torch.zeros(200_000, 1, 2, 2))["kl"]
-    assert float(kl) == pytest.approx(float(vae_2d.kl_standard_normal(mu, logvar).sum()), abs=0.01)
+        terms = vlae.loss_terms(model, torch.zeros(200_000, 1, 2, 2))
+    assert float(terms['kl']) == pytest.approx(float(vae_2d.kl_standard_normal(mu, logvar).sum()), abs=0.01)
+    assert float(terms['neg_elbo']) == pytest.approx(float(terms['recon'] + terms['kl']), rel=1e-6)
+    with torch.no_grad():  # per dimension too, by Monte Carlo: (B, D), each the closed form here
+        per_dim = vlae.kl_per_dim(model, torch.zeros(2, 1, 2, 2), samples=100_000)
+    assert per_dim.shape == (2, 3) and torch.allclose(per_dim, vae_2d.kl_standard_normal(mu, logvar), atol=0.02)
+
+
+def test_masked_linear_is_a_linear_layer_with_masked_weights():
+    torch.manual_seed(0)
+    mask = torch.rand(4, 3) > 0.5
+    layer = vlae.MaskedLinear(3, 4, mask)
+    x = torch.randn(5, 3)
+    assert torch.allclose(layer(x), x @ (layer.weight * mask).T + layer.bias)
+
+
+def test_made_hidden_degrees_cycle_so_every_unit_is_used():
+    """A hidden unit's degree is how many inputs it may see: degrees cycle through 1..D-1 (counts differ by at
+    most one), and every hidden unit has an input and feeds some output, so no unit is dead by its mask."""
+    for d in (2, 3, 6):
+        masks = [m.mask for m in vlae.MADE(d, hidden=14).net if isinstance(m, vlae.MaskedLinear)]  # 3 masks
+        degree = masks[0].sum(1).long()  # (hidden,): inputs 1..degree
+        counts = torch.bincount(degree, minlength=d)[1:]  # how many units of each degree 1..D-1
+        assert degree.min() == 1 and degree.max() == max(d - 1, 1) and counts.max() - counts.min() <= 1
+        assert (masks[1].sum(1) > 0).all() and (masks[2].sum(0) > 0).all()
+
+
+def test_made_log_sigma_bound_is_b_tanh_of_the_free_value():
+    torch.manual_seed(0)
+    free = vlae.MADE(4, hidden=16)
+    torch.nn.init.normal_(free.net[-1].weight, std=10.0)  # large log-sigmas, so that the bound matters
+    bounded = vlae.MADE(4, hidden=16, log_sigma_bound=2.0)
+    bounded.load_state_dict(free.state_dict())
+    z = torch.randn(100, 4)
+    (mu_free, ls_free), (mu, ls) = free(z), bounded(z)
+    assert ls_free.abs().max() > 3 and ls.abs().max() < 2  # the bound was needed, and held
+    assert torch.equal(mu, mu_free) and torch.allclose(ls, 2.0 * torch.tanh(ls_free / 2.0), atol=1e-6)
 
 
 def random_flow(d=6):
@@ -582,6 +640,14 @@ def test_no_restart_in_the_first_steps_and_a_dead_code_restarts_after_69():
     assert step == 69
 
 
+def test_set_use_keeps_each_code_the_mean_of_its_sum():
+    torch.manual_seed(0)
+    model = vqvae.VQVAE(1, num_codes=6, code_dim=4)
+    vqvae.set_use(model, 8.0)
+    assert torch.equal(model.ema_count, torch.full((6,), 8.0))
+    assert torch.allclose(model.ema_sum, 8.0 * model.codebook.weight)  # e_i = m_i / N_i: the codes unchanged
+
+
 def test_a_restart_needs_no_more_outputs_than_dead_codes(image_dir, tmp_path):
     """A batch with fewer outputs than dead codes: outputs are drawn again, with noise keeping codes apart."""
     torch.manual_seed(0)
@@ -616,6 +682,52 @@ def input_gradients(prior, p, size=8, hidden=8):
     logits = prior.from_embedding(x)  # (1, K, H, W)
     logits[0, :, p // size, p % size].sum().backward()
     return x.grad.abs().sum(1).flatten()  # (1, E, H, W) -> (H*W,)
+
+
+def test_masks_by_hand():
+    """Type A sees the rows above and the centre row left of the centre; type B the centre too. The gated
+    stacks: a vertical kernel of the rows above (and the centre row once the input excludes it), a
+    horizontal one left of the centre (and the centre after the first layer)."""
+    rows = {'A': [[1] * 5, [1] * 5, [1, 1, 0, 0, 0], [0] * 5, [0] * 5]}
+    rows['B'] = rows['A'][:2] + [[1, 1, 1, 0, 0]] + rows['A'][3:]
+    assert pixelcnn_prior.raster_mask(5, include_centre=False).tolist() == rows['A']
+    assert pixelcnn_prior.raster_mask(5, include_centre=True).tolist() == rows['B']
+    assert pixelcnn_prior.vertical_mask(3, include_centre_row=False).tolist() == [[1, 1, 1], [0, 0, 0], [0, 0, 0]]
+    assert pixelcnn_prior.vertical_mask(3, include_centre_row=True).tolist() == [[1, 1, 1], [1, 1, 1], [0, 0, 0]]
+    assert pixelcnn_prior.horizontal_mask(3, include_centre=False).tolist() == [[1, 0, 0]]
+    assert pixelcnn_prior.horizontal_mask(3, include_centre=True).tolist() == [[1, 1, 0]]
+    torch.manual_seed(0)
+    conv = pixelcnn_prior.MaskedConv2d(2, 3, pixelcnn_prior.raster_mask(3, include_centre=True))
+    x = torch.randn(1, 2, 5, 5)
+    assert torch.allclose(conv(x), F.conv2d(x, conv.weight * conv.mask, conv.bias, padding=1), atol=1e-6)
+
+
+def test_nll_per_grid_and_loss_terms_by_hand():
+    """-log p(c) per grid is the sum over positions of -log softmax(logits)[c]; the loss is per code."""
+    torch.manual_seed(0)
+    prior = pixelcnn_prior.PixelCNN(num_codes=5, hidden=8, layers=1)
+    codes = torch.randint(0, 5, (3, 4, 4))
+    with torch.no_grad():
+        log_p = torch.log_softmax(prior(codes), dim=1)  # (3, 5, 4, 4)
+        by_hand = torch.tensor([-sum(float(log_p[b, codes[b, i, j], i, j]) for i in range(4) for j in range(4))
+                                for b in range(3)])  # (3,)
+        terms = pixelcnn_prior.loss_terms(prior, codes)
+        assert torch.allclose(pixelcnn_prior.nll_per_grid(prior, codes), by_hand, atol=1e-5)
+    assert float(terms['nll']) == pytest.approx(float(by_hand.mean()) / 16, rel=1e-5)
+    assert float(terms['bits_per_code']) == pytest.approx(float(by_hand.mean()) / 16 / math.log(2), rel=1e-5)
+
+
+def test_gated_layers_after_the_first_are_residual():
+    """With the horizontal output zeroed, a later layer passes h through unchanged (h + 0); the first layer,
+    which must not pass on its input at (i, j), returns 0."""
+    torch.manual_seed(0)
+    v, h = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5)
+    for is_first in (True, False):
+        layer = pixelcnn_prior.GatedLayer(4, is_first)
+        torch.nn.init.zeros_(layer.h_out.weight)
+        torch.nn.init.zeros_(layer.h_out.bias)
+        v_out, h_out = layer(v, h)
+        assert v_out.shape == v.shape and torch.equal(h_out, torch.zeros_like(h) if is_first else h)
 
 
 @pytest.mark.parametrize('arch', ['pixelcnn', 'gated'])
