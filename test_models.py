@@ -470,7 +470,7 @@ def test_nearest_code_under_amp_is_the_fp32_nearest():
 
 def test_usage_stats_on_known_counts():
     stats = vqvae.usage_stats(torch.tensor([6, 2, 0, 0]))  # p = (3/4, 1/4, 0, 0)
-    assert stats['codes_used'] == 2
+    assert stats['codes_used'] == 2 and vqvae.usage_stats(torch.tensor([6, 1, 0, 1]))['codes_used'] == 3
     assert stats['perplexity'] == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
     assert vqvae.usage_stats(torch.tensor([5, 5, 5, 5]))['perplexity'] == pytest.approx(4.0)  # even use: K
 
@@ -490,6 +490,13 @@ def test_evaluate_counts_every_test_output_in_eval_mode():
         recon = torch.stack([((model(x[i:i + 1])[0] - x[i:i + 1]) ** 2).mean() for i in range(12)]).mean()
     assert torch.equal(counts, torch.bincount(alone, minlength=16)) and counts.sum() == 12 * 64
     assert final['codes_used'] == int((counts > 0).sum()) and final['recon_mse'] == pytest.approx(float(recon))
+    # `loss` is what each mode minimises: without the codebook term under ema, eq. 3 whole under loss
+    assert final['loss'] == pytest.approx(final['recon_mse'] + args.beta * final['commitment'], rel=1e-5)
+    args.codebook = 'loss'
+    final = vqvae.evaluate(model, x, args)[0]
+    assert final['loss'] == pytest.approx(final['eq3_loss'], rel=1e-6)
+    assert final['eq3_loss'] == pytest.approx(final['recon_mse'] + final['codebook'] + args.beta * final['commitment'],
+                                              rel=1e-5)
 
 
 def test_codebook_initialisation_range():
@@ -600,16 +607,19 @@ def test_a_restart_moves_dead_codes_apart_and_resets_their_adam_moments():
 
 
 def test_kmeans_pp_draws_in_proportion_to_the_squared_distance(monkeypatch):
-    """Points 0, 1, 3 and 3.1 on a line, the first seed forced to 0: the second is drawn with probability
-    D^2 / sum D^2 = (0, 1, 9, 9.61) / 19.61, and the third from the distances to the nearer seed."""
-    flat = torch.tensor([0.0, 1.0, 3.0, 3.1])[:, None] * torch.ones(1, 2) / math.sqrt(2)  # 4 points in 2D
-    model = vqvae.VQVAE(1, num_codes=3, code_dim=2)
+    """Points 0, 1, 3 and 3.1 along a line that starts at (5, 5), the first seed forced to the first point: the
+    second is drawn with probability D^2 / sum D^2 = (0, 1, 9, 9.61) / 19.61, the third from the distances to
+    the nearer seed, and the fourth is the one left (every chosen point's distance drops to 0)."""
+    flat = 5 + torch.tensor([0.0, 1.0, 3.0, 3.1])[:, None] * torch.ones(1, 2) / math.sqrt(2)  # 4 points in 2D
+    model = vqvae.VQVAE(1, num_codes=4, code_dim=2)
     monkeypatch.setattr(torch, 'randint', lambda *a, **k: torch.tensor(0))
     picks = []
     for seed in range(3000):
         torch.manual_seed(seed)
         vqvae.kmeans_pp_init(model, flat.T.reshape(1, 2, 4, 1))
-        picks.append([int(torch.cdist(model.codebook.weight[i:i + 1], flat).argmin()) for i in range(3)])
+        picks.append([int(torch.cdist(model.codebook.weight[i:i + 1], flat).argmin()) for i in range(4)])
+        assert sorted(picks[-1]) == [0, 1, 2, 3]
+    assert torch.allclose(model.ema_sum, model.codebook.weight * model.ema_count[:, None])  # e_i = m_i / N_i
     second = np.bincount([p[1] for p in picks], minlength=4) / 3000
     assert second[0] == 0 and second[1] == pytest.approx(1 / 19.61, abs=0.015)
     assert second[3] == pytest.approx(9.61 / 19.61, abs=0.03)
@@ -637,7 +647,7 @@ def test_no_restart_in_the_first_steps_and_a_dead_code_restarts_after_69():
         vqvae.ema_update(model, z_e, torch.ones(1, 4, 1, dtype=torch.long), 0.99, move_codes=False)  # code 1 only
         if vqvae.restart_dead_codes(model, z_e, optimizer, 4.0):
             break
-    assert step == 69
+    assert step == 69 and vqvae.fresh_use(0.0) == 1.0  # with restarts off: as if chosen once
 
 
 def test_set_use_keeps_each_code_the_mean_of_its_sum():
@@ -646,6 +656,32 @@ def test_set_use_keeps_each_code_the_mean_of_its_sum():
     vqvae.set_use(model, 8.0)
     assert torch.equal(model.ema_count, torch.full((6,), 8.0))
     assert torch.allclose(model.ema_sum, 8.0 * model.codebook.weight)  # e_i = m_i / N_i: the codes unchanged
+
+
+def test_restarts_land_on_distinct_outputs_with_noise_at_their_scale():
+    """Each dead code moves to an encoder output of its own (without replacement when there are enough, here
+    exactly as many), plus noise of 1% of the outputs' spread, at any scale; its use and sum restart together
+    (e = m / N). With no live code left, Adam's second moment restarts at 0. A single dead code restarts too."""
+    torch.manual_seed(0)
+    for scale in (50.0, 0.1):
+        model = vqvae.VQVAE(1, num_codes=12, code_dim=16)
+        optimizer = torch.optim.Adam([model.codebook.weight])
+        model.codebook.weight.pow(2).sum().backward()
+        optimizer.step()  # Adam holds moments for every code
+        outputs = torch.randn(12, 16) * scale
+        z_e = outputs.T.reshape(1, 16, 12, 1)  # (N, D) -> (1, D, N, 1): flatten_grid gives the rows back
+        model.ema_count.fill_(0.5)  # all 12 codes dead
+        assert vqvae.restart_dead_codes(model, z_e, optimizer, threshold=4.0) == 12
+        w = model.codebook.weight.detach()
+        dist = torch.cdist(w, outputs)  # (codes, outputs)
+        assert sorted(dist.argmin(1).tolist()) == list(range(12))  # each output taken once
+        noise = dist.min(1).values / (0.01 * outputs.std(correction=0) * 4)  # |noise| / (1% spread x sqrt(D))
+        assert 0.5 < float(noise.mean()) < 1.5
+        assert torch.allclose(model.ema_sum, w * 8.0) and (model.ema_count == 8.0).all()
+        assert (optimizer.state[model.codebook.weight]['exp_avg_sq'] == 0).all()
+    model.ema_count.fill_(10.0)
+    model.ema_count[3] = 0.5
+    assert vqvae.restart_dead_codes(model, z_e, optimizer, threshold=4.0) == 1 and model.ema_count[3] == 8.0
 
 
 def test_a_restart_needs_no_more_outputs_than_dead_codes(image_dir, tmp_path):
