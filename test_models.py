@@ -232,6 +232,35 @@ def test_reported_image_numbers_are_fp32_under_amp():
     assert results[0] == results[1]
 
 
+def test_image_loss_is_recon_plus_the_closed_form_kl_per_image():
+    """neg_elbo = recon + KL, each summed over an image's dimensions and averaged over the batch; the standard
+    normal prior's log-density and samples are torch's N(0, I)."""
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(5, 3), torch.randn(5, 3)
+    model = types.SimpleNamespace(encoder=lambda x: (mu, logvar), decoder_std=1.0,
+                                  decoder=lambda z: torch.zeros(len(z), 1, 2, 2))  # recon independent of z
+    terms = vae_image.loss_terms(model, torch.ones(5, 1, 2, 2))
+    q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+    kl = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum(1)  # (5,)
+    recon = -torch.distributions.Normal(0.0, 1.0).log_prob(torch.ones(4)).sum()  # the same for every image
+    assert float(terms['kl']) == pytest.approx(float(kl.mean()), rel=1e-5)
+    assert float(terms['recon']) == pytest.approx(float(recon), rel=1e-5) and float(terms['mse']) == 1.0
+    assert float(terms['neg_elbo']) == pytest.approx(float(recon + kl.mean()), rel=1e-5)
+    prior, z = vae_image.StandardNormal(3), torch.randn(4, 3)
+    assert prior.sample(6, 'cpu').shape == (6, 3)
+    assert torch.allclose(prior.log_prob(z), torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1))
+
+
+def test_final_metrics_use_the_scripts_own_loss():
+    """vlae.py passes its loss to final_metrics: the test numbers must be computed with it, not the VAE's."""
+    torch.manual_seed(0)
+    model, x = vae_image.VAE(3, 4, 1.0), torch.rand(6, 3, 32, 32) * 2 - 1
+    args = vae_image.make_parser().parse_args(['--iw-samples', '2', '--iw-examples', '4'])
+    fixed = {'neg_elbo': 7.0, 'recon': 5.0, 'kl': 2.0, 'mse': 0.25}
+    final = vae_image.final_metrics(model, x, x, args, lambda m, b: {k: torch.tensor(v) for k, v in fixed.items()})
+    assert {k: final[k] for k in fixed} == fixed and final['neg_elbo_iw_subset'] == 7.0
+
+
 def test_image_vae_on_one_channel_mnist(image_dir, tmp_path):
     vae_image.main(['--dataset', 'mnist', '--data-dir', image_dir, '--epochs', '1', '--batch-size', '32',
                     '--out', str(tmp_path), '--iw-samples', '2', '--iw-examples', '4'])
