@@ -261,6 +261,29 @@ def test_final_metrics_use_the_scripts_own_loss():
     assert {k: final[k] for k in fixed} == fixed and final['neg_elbo_iw_subset'] == 7.0
 
 
+def test_final_metrics_on_a_model_whose_answers_are_known():
+    """A stand-in whose decoder ignores z and whose posterior means are +-0.5 in two of four dimensions:
+    two active units, and both discrete bits/dim figures are -log P(x | x_hat) plus the KL, |mu|^2 / 2 =
+    0.25 nats, over D ln 2 (the sampling noise, mu . eps, moves them by under 1e-3 bits here)."""
+    torch.manual_seed(0)
+    x = ((torch.rand(40, 3, 32, 32) * 255).round() / 127.5 - 1)  # on the 256 levels
+    x_hat = torch.rand(1, 3, 32, 32) * 1.6 - 0.8
+
+    def encoder(b):  # (B, C, H, W) -> mu, logvar (B, 4): mu_1 = mu_2 = +-0.5 by the sign of a pixel
+        mu = torch.zeros(len(b), 4)
+        mu[:, :2] = 0.5 * torch.sign(b[:, :1, 0, 0])
+        return mu, torch.zeros_like(mu)
+    model = types.SimpleNamespace(encoder=encoder, decoder=lambda z: x_hat.expand(len(z), -1, -1, -1),
+                                  decoder_std=1.0, prior=vae_image.StandardNormal(4), eval=lambda: None)
+    args = vae_image.make_parser().parse_args(['--iw-samples', '3', '--iw-examples', '20'])
+    final = vae_image.final_metrics(model, x, x, args)
+    nats = -vae_image.discrete_log_prob(x, x_hat.expand(40, -1, -1, -1), final['discrete_scale']) + 0.25  # (40,)
+    assert final['active_units'] == 2
+    assert final['bits_per_dim_discrete'] == pytest.approx(float(nats.mean()) / (3072 * math.log(2)), abs=1e-3)
+    assert final['bits_per_dim_iw_discrete'] == pytest.approx(float(nats[:20].mean()) / (3072 * math.log(2)),
+                                                              abs=1e-3)
+
+
 def test_image_vae_on_one_channel_mnist(image_dir, tmp_path):
     vae_image.main(['--dataset', 'mnist', '--data-dir', image_dir, '--epochs', '1', '--batch-size', '32',
                     '--out', str(tmp_path), '--iw-samples', '2', '--iw-examples', '4'])
