@@ -284,6 +284,17 @@ def test_final_metrics_on_a_model_whose_answers_are_known():
                                                               abs=1e-3)
 
 
+def test_image_evaluate_is_the_mean_over_the_whole_set(monkeypatch):
+    """Batches of 3 over 8 images (the last one short) give the same means as one pass over all of them."""
+    torch.manual_seed(0)
+    model, x = vae_image.VAE(3, 4, 1.0).eval(), torch.rand(8, 3, 32, 32) * 2 - 1
+    monkeypatch.setattr(vae_image, 'reparameterise', lambda mu, logvar, samples=None: mu)  # z = mu: no noise
+    with torch.no_grad():
+        whole = vae_image.with_course_metrics({k: float(v) for k, v in vae_image.loss_terms(model, x).items()}, 3072)
+    got = vae_image.evaluate(model, x, vae_image.make_parser().parse_args(['--batch-size', '3']))
+    assert got.keys() == whole.keys() and all(got[k] == pytest.approx(whole[k], rel=1e-5) for k in got)
+
+
 def test_image_vae_on_one_channel_mnist(image_dir, tmp_path):
     vae_image.main(['--dataset', 'mnist', '--data-dir', image_dir, '--epochs', '1', '--batch-size', '32',
                     '--out', str(tmp_path), '--iw-samples', '2', '--iw-examples', '4'])
