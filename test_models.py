@@ -675,6 +675,7 @@ def test_kmeans_pp_draws_in_proportion_to_the_squared_distance(monkeypatch):
     the nearer seed, and the fourth is the one left (every chosen point's distance drops to 0)."""
     flat = 5 + torch.tensor([0.0, 1.0, 3.0, 3.1])[:, None] * torch.ones(1, 2) / math.sqrt(2)  # 4 points in 2D
     model = vqvae.VQVAE(1, num_codes=4, code_dim=2)
+    vqvae.set_use(model, 8.0)  # as main does before seeding: each code's sum m_i must follow, e_i = m_i / N_i
     monkeypatch.setattr(torch, 'randint', lambda *a, **k: torch.tensor(0))
     picks = []
     for seed in range(3000):
@@ -795,6 +796,8 @@ def test_masks_by_hand():
     assert pixelcnn_prior.vertical_mask(3, include_centre_row=True).tolist() == [[1, 1, 1], [1, 1, 1], [0, 0, 0]]
     assert pixelcnn_prior.horizontal_mask(3, include_centre=False).tolist() == [[1, 0, 0]]
     assert pixelcnn_prior.horizontal_mask(3, include_centre=True).tolist() == [[1, 1, 0]]
+    assert pixelcnn_prior.vertical_mask(5, include_centre_row=False).tolist() == rows['A'][:2] + [[0] * 5] * 3
+    assert pixelcnn_prior.horizontal_mask(5, include_centre=True).tolist() == [rows['B'][2]]
     torch.manual_seed(0)
     conv = pixelcnn_prior.MaskedConv2d(2, 3, pixelcnn_prior.raster_mask(3, include_centre=True))
     x = torch.randn(1, 2, 5, 5)
