@@ -262,26 +262,28 @@ def test_final_metrics_use_the_scripts_own_loss():
 
 
 def test_final_metrics_on_a_model_whose_answers_are_known():
-    """A stand-in whose decoder ignores z and whose posterior means are +-0.5 in two of four dimensions:
-    two active units, and both discrete bits/dim figures are -log P(x | x_hat) plus the KL, |mu|^2 / 2 =
-    0.25 nats, over D ln 2 (the sampling noise, mu . eps, moves them by under 1e-3 bits here)."""
+    """A stand-in whose decoder ignores z and whose posterior means are +-3 in two of four dimensions: two
+    active units; the discrete ELBO (K = 1) is -log P(x | x_hat) plus the KL, |mu|^2 / 2 = 9 nats, over D ln 2
+    (its sampling noise, mu . eps, is 1e-4 bits over 400 images; K = 2 would be 8e-4 bits lower); the
+    K-sample bound lies between the ELBO and the exact -log P(x | x_hat), which needs no z here."""
     torch.manual_seed(0)
-    x = ((torch.rand(40, 3, 32, 32) * 255).round() / 127.5 - 1)  # on the 256 levels
+    x = ((torch.rand(400, 3, 32, 32) * 255).round() / 127.5 - 1)  # on the 256 levels
     x_hat = torch.rand(1, 3, 32, 32) * 1.6 - 0.8
 
-    def encoder(b):  # (B, C, H, W) -> mu, logvar (B, 4): mu_1 = mu_2 = +-0.5 by the sign of a pixel
+    def encoder(b):  # (B, C, H, W) -> mu, logvar (B, 4): mu_1 = mu_2 = +-3 by the sign of a pixel
         mu = torch.zeros(len(b), 4)
-        mu[:, :2] = 0.5 * torch.sign(b[:, :1, 0, 0])
+        mu[:, :2] = 3.0 * torch.sign(b[:, :1, 0, 0])
         return mu, torch.zeros_like(mu)
     model = types.SimpleNamespace(encoder=encoder, decoder=lambda z: x_hat.expand(len(z), -1, -1, -1),
                                   decoder_std=1.0, prior=vae_image.StandardNormal(4), eval=lambda: None)
-    args = vae_image.make_parser().parse_args(['--iw-samples', '3', '--iw-examples', '20'])
+    args = vae_image.make_parser().parse_args(['--iw-samples', '3', '--iw-examples', '100'])
     final = vae_image.final_metrics(model, x, x, args)
-    nats = -vae_image.discrete_log_prob(x, x_hat.expand(40, -1, -1, -1), final['discrete_scale']) + 0.25  # (40,)
+    exact = -vae_image.discrete_log_prob(x, x_hat.expand(400, -1, -1, -1), final['discrete_scale'])  # (400,)
+    bits = 1 / (3072 * math.log(2))
     assert final['active_units'] == 2
-    assert final['bits_per_dim_discrete'] == pytest.approx(float(nats.mean()) / (3072 * math.log(2)), abs=1e-3)
-    assert final['bits_per_dim_iw_discrete'] == pytest.approx(float(nats[:20].mean()) / (3072 * math.log(2)),
-                                                              abs=1e-3)
+    assert final['bits_per_dim_discrete'] == pytest.approx(float(exact.mean() + 9) * bits, abs=3e-4)
+    assert float(exact[:100].mean()) * bits - 3e-4 < final['bits_per_dim_iw_discrete'] < \
+        float(exact[:100].mean() + 9) * bits - 3e-4
 
 
 def test_image_evaluate_is_the_mean_over_the_whole_set(monkeypatch):
@@ -597,6 +599,14 @@ def test_the_decoder_is_fed_the_quantised_vectors():
     model.decoder.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach()))
     _, z_e, z_q, _ = model(torch.rand(2, 3, 32, 32) * 2 - 1)
     assert torch.allclose(seen[0], z_q, atol=1e-6) and not torch.allclose(seen[0], z_e, atol=1e-2)  # z_q, not z_e
+
+
+def test_vq_loss_is_eq3_whole_unless_told_otherwise():
+    torch.manual_seed(0)
+    with torch.no_grad():
+        terms = vqvae.loss_terms(vqvae.VQVAE(3, num_codes=16, code_dim=8), torch.rand(2, 3, 32, 32) * 2 - 1, 0.25)
+    assert float(terms['loss']) == float(terms['eq3_loss']) == pytest.approx(
+        float(terms['recon_mse'] + terms['codebook'] + 0.25 * terms['commitment']), rel=1e-6)
 
 
 @pytest.mark.parametrize('codebook_loss', [True, False])
