@@ -2,7 +2,7 @@
 Ordered like the README: each model's end-to-end run with its math beside it, then data, then the tests of
 runs a user can trust (interrupts, refusals, messages) at the end.
 
-Run:  python -m pytest -q test_models.py      (35 s on two idle CPU cores)
+Run:  python -m pytest -q test_models.py      (45 s on two idle CPU cores)
 Tests make their own tiny data; nothing is downloaded.
 """
 import json
