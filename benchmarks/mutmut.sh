@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing of the five scripts' math: does a one-line bug in a lesson fail test_models.py?
 #
-#   bash benchmarks/mutmut.sh            (from the repository root, in the project's virtual environment)
+#   bash benchmarks/mutmut.sh [SCRATCH]   (in the project's virtual environment; SCRATCH: /tmp/mutmut-latent)
 #
 # mutmut makes one small change at a time in the functions listed below (- for +, 2 for 1, an argument
 # dropped, > for >=), runs the tests that reach that function, and calls the change killed if one fails,
@@ -18,7 +18,12 @@
 # distance (same argmin), softmax's dim left to its 2-D default, a bin's mass read in the other tail where
 # both are accurate. Read each with `mutmut show NAME` in the scratch folder.
 set -euo pipefail
-scratch=${1:-/tmp/mutmut-latent}
+scratch=$(realpath -m "${1:-/tmp/mutmut-latent}")
+cd "$(dirname "$0")/.."  # the repository root, wherever this is run from
+case "$PWD/" in "$scratch"/*) echo "error: $scratch holds this repository; give another folder" >&2; exit 1;; esac
+if [ -e "$scratch" ] && [ -n "$(ls -A "$scratch")" ] && [ ! -f "$scratch/mutmut.log" ]; then
+  echo "error: $scratch holds files of its own; give an empty or new folder" >&2; exit 1
+fi
 python -m pip install --quiet mutmut==3.8.1
 rm -rf "$scratch" && mkdir -p "$scratch" && cp ./*.py "$scratch"/ && cd "$scratch"
 cat > setup.cfg <<'CFG'
