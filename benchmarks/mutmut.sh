@@ -51,8 +51,9 @@ math=(  # the math functions: losses, estimators, codebook updates, masks, sampl
 )
 # One thread per mutant: the children are forked from a process that has loaded torch.
 OMP_NUM_THREADS=1 mutmut run --max-children 2 "${math[@]}" > mutmut.log 2>&1 || { tail -5 mutmut.log; exit 1; }
-mutmut results > survivors.txt || true
-killed=$(mutmut results --all true | grep -c ': killed$' || true)
-survived=$(grep -c ': survived$' survivors.txt || true)
+mutmut results --all true > results.txt  # one line a mutant: killed, survived, or not checked (not math)
+grep ': survived$' results.txt > survivors.txt || true
+killed=$(grep -c ': killed$' results.txt || true)
+survived=$(wc -l < survivors.txt)
 permille=$((1000 * killed / (killed + survived)))
 echo "killed $killed of $((killed + survived)) mutants ($((permille / 10)).$((permille % 10))%); survivors in $scratch/survivors.txt"
