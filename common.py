@@ -1,6 +1,6 @@
-"""Small helpers every script's `main` calls: data, options, the run's folder and checkpoint, progress,
-pictures. No model and no training loop lives here. Bad input ends with `fail(...)`: one line, no traceback.
-Each script imports this module before torch: a Ctrl-C while torch loads then also ends in one line."""
+"""Small helpers every script's `main` calls: data, options, device and precision, the run's folder and
+checkpoint, progress, pictures. No model and no training loop lives here. Bad input ends with `fail(...)`:
+one line, no traceback."""
 import argparse
 import contextlib
 import errno
@@ -11,24 +11,13 @@ import pickle
 import re
 import shlex
 import shutil
-import signal
+import subprocess
 import sys
 import time
 
-
-def _interrupted_while_starting(signum, frame):
-    print('\ninterrupted while starting; nothing was written', file=sys.stderr)
-    os._exit(130)  # at once: no library's `except` can swallow it, nothing is left half-imported
-
-
-_MAIN = getattr(sys.modules['__main__'], '__file__', None)  # run as `python <script>.py`, not by pytest
-if _MAIN and os.path.dirname(os.path.abspath(_MAIN)) == os.path.dirname(os.path.abspath(__file__)) and \
-        signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, _interrupted_while_starting)  # while torch loads; claim_out takes over
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torchvision  # noqa: E402
+import numpy as np
+import torch
+import torchvision
 
 import matplotlib
 matplotlib.use('Agg')  # files only: works on servers and in CI, never opens a window
@@ -147,7 +136,8 @@ def positive(kind, high=math.inf, low=0, or_zero=False):
     return parse
 
 
-def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, amp=True, compile=False, out='<dataset>'):
+def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, precision=True, compile=False,
+                out='<dataset>'):
     """The shared options; `why` gives the reason for this script's defaults, shown in --help."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # a flag is spelled whole, so the printed resume command runs
@@ -157,7 +147,7 @@ def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, amp
     p.add_argument('--batch-size', type=positive(int), default=batch_size, help=why['batch_size'])
     p.add_argument('--lr', type=positive(float), default=lr, help=f'Adam learning rate. {why["lr"]}')
     p.add_argument('--seed', type=positive(int, high=2**63 - 1, or_zero=True), default=0,
-                   help='random seed; on the CPU the same seed and thread count repeat a run exactly')
+                   help='random seed; on the CPU the same seed and thread count (OMP_NUM_THREADS) repeat a run exactly')
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps'], help='auto: cuda, mps, cpu')
     p.add_argument('--out', default=None, help=f'output folder (default: results/{script}/{out})')
     p.add_argument('--subset', type=positive(int), default=None,
@@ -168,10 +158,12 @@ def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, amp
                        help="start again in an --out that holds this script's run; its model.pt, metrics.json and "
                             "pictures go once the new run's first checkpoint is written (a failure before keeps them)")
     again.add_argument('--sample-only', action='store_true', help='reload --out/model.pt and redraw pictures only')
-    if amp:  # convolutions only: the 2D MLPs are too small to gain from it
-        p.add_argument('--amp', action='store_true',
-                       help='train under bfloat16 autocast: 1.7-2x faster on a CPU with bf16 support (README, speed; '
-                            'GPUs unmeasured); test numbers stay fp32. Off by default: slower on CPUs without bf16')
+    if precision:  # convolutions only: the 2D MLPs are too small to gain from it
+        p.add_argument('--precision', choices=['auto', 'fp32', 'bf16', 'fp16'], default='auto',
+                       help='number format of training (autocast); test numbers stay fp32. auto: bf16 on GPUs of '
+                            'compute capability 8.0 on (A100, H100, RTX 30xx) and CPUs with AMX; fp16 with a '
+                            'GradScaler on older GPUs (T4, V100); fp32 elsewhere (laptop CPUs: bf16 is up to 20x '
+                            'slower there; Macs). The first line of a run says what it chose')
     if compile:  # offered where it measurably helps (README, speed)
         p.add_argument('--compile', action='store_true',
                        help='torch.compile the training step: 1.2-1.4x faster after 10-20 s of compiling; off by '
@@ -179,15 +171,80 @@ def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, amp
     return p
 
 
-def pick_device(name):
+# ---------------------------------------------------------------------------------------------------- device
+
+
+def machine_facts(device):
+    """What the precision depends on: a CUDA GPU's compute capability; the CPU's vector instructions as torch
+    uses them (ATEN_CPU_CAPABILITY can lower them) and its AMX tiles (ONEDNN_MAX_CPU_ISA can hide them)."""
+    isa = os.environ.get('ONEDNN_MAX_CPU_ISA', os.environ.get('DNNL_MAX_CPU_ISA', 'ALL')).upper()
+    return {'device': device.type, 'cpu_isa': torch.backends.cpu.get_cpu_capability(),
+            'amx': getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)() and ('AMX' in isa or isa == 'ALL'),
+            'cuda_capability': torch.cuda.get_device_capability(device) if device.type == 'cuda' else None}
+
+
+def choose_precision(asked, facts):
+    """(precision, why) for --precision `asked` on a machine described by machine_facts. bf16 is fast where the
+    hardware multiplies it natively: GPUs from compute capability 8.0 (older ones emulate it, no faster) and
+    CPUs with AMX and AVX-512 (measured 1.7-2.4x fp32; without AMX 0.05-0.9x: README, speed). fp16 needs a
+    GradScaler (below) and is fast on every CUDA GPU. MPS: fp32, as nothing else was measured there."""
+    fast_bf16 = {'cuda': (facts['cuda_capability'] or (0, 0)) >= (8, 0),
+                 'cpu': facts['amx'] and facts['cpu_isa'].startswith('AVX512'), 'mps': False}[facts['device']]
+    best = 'bf16' if fast_bf16 else 'fp16' if facts['device'] == 'cuda' else 'fp32'
+    if asked == 'auto':
+        return best, 'auto'
+    slow = (asked == 'bf16' and not fast_bf16 and facts['device'] != 'mps') or (asked == 'fp16' and facts['device'] == 'cpu')
+    return asked, (f'asked; likely slower than {best} on this {facts["device"]}' if slow else 'asked')
+
+
+RAN_ON = {}  # where this run ran, as resolved: metrics.json records it beside the options as given
+
+
+def pick_device(args):
+    """The device and precision, said in one line at the start and recorded for metrics.json."""
     available = {'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available(), 'cpu': True}
-    if name != 'auto' and not available[name]:
-        fail(f'--device {name} is not available on this machine; use --device auto')
-    return torch.device(name if name != 'auto' else next(d for d, ok in available.items() if ok))
+    if args.device != 'auto' and not available[args.device]:
+        fail(f'--device {args.device} is not available on this machine; use --device auto')
+    device = torch.device(args.device if args.device != 'auto' else next(d for d, ok in available.items() if ok))
+    facts = machine_facts(device)
+    precision, why = choose_precision(args.precision, facts) if 'precision' in args else ('fp32', 'always here')
+    torch.backends.cudnn.benchmark = device.type == 'cuda'  # the fastest convolution for these fixed shapes
+    where = (torch.cuda.get_device_name(device) + ', compute capability %d.%d' % facts['cuda_capability']
+             if device.type == 'cuda' else f'{facts["cpu_isa"]}, {"" if facts["amx"] else "no "}AMX')
+    RAN_ON.clear()
+    RAN_ON.update(device=device.type, precision=precision, threads=torch.get_num_threads(), torch=torch.__version__)
+    print(f'running on {device.type} ({where}) in {precision} ({why}), {RAN_ON["threads"]} CPU threads', flush=True)
+    return device, precision
 
 
-def autocast(device, enabled):  # bfloat16 autocast with --amp, else a no-op
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+class Amp:
+    """The run's precision. `with amp.autocast():` runs the forward pass in it (fp32 leaves it alone);
+    amp.step(loss, optimizer, clip) is backward, clipping and the optimizer step. fp16's smallest number is
+    6e-8, and most of the VQ-VAE decoder's output gradients lie below it: a GradScaler multiplies the loss by
+    a large factor before backward and divides the gradients back before clipping and the step; it skips a
+    step whose gradients overflowed and halves the factor. bf16 has fp32's range and needs none."""
+    def __init__(self, device, precision):
+        self.device, self.precision = device, precision
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == 'fp16')
+
+    def autocast(self):  # fp32: no autocast at all, so nothing depends on the device's autocast support
+        dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(self.precision)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    def step(self, loss, optimizer, clip=0.0):
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if clip:
+            self.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g['params']], clip)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+def synchronize(device):
+    """Wait for the device's queued work: a timing on CUDA or MPS otherwise measures only the queueing."""
+    if device.type in ('cuda', 'mps'):
+        getattr(torch, device.type).synchronize()
 
 
 # ---------------------------------------------------------------------------------------------------- the run
@@ -216,41 +273,53 @@ def _read_checkpoint(path, quiet=False):
     """The checkpoint at path, None if there is none; a damaged or foreign file stops the run (quiet: is None)."""
     if not os.path.exists(path):
         return None
-    if not os.path.isfile(path):
-        fail(f'{path} is not a file; move it away, or use another --out')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        ckpt, why = None, f'is damaged ({type(e).__name__})'
-    else:
         why = 'is not a checkpoint of these scripts'
+    except Exception as e:
+        ckpt, why = None, f'is damaged or not a file ({type(e).__name__})'
     if isinstance(ckpt, dict) and _KEYS <= set(ckpt) and isinstance(ckpt['config'], dict) and \
-            {'epochs', 'seed', 'dataset'} <= set(ckpt['config']):
+            {'epochs', 'seed', 'dataset'} <= set(ckpt['config']) and type(ckpt['epoch']) is int and \
+            ckpt['epoch'] >= 0 and isinstance(ckpt['history'], dict) and isinstance(ckpt['segments'], list):
         return ckpt
-    if not quiet:
-        fail(f'{path} {why}; replace it with --overwrite, or use another --out')
+    if not quiet:  # never replaced, not even by --overwrite: no run of ours wrote it
+        fail(f'{path} {why}; move it away, or use another --out')
 
 
-def _live_writer(lock):
-    """The pid in a lock file if that process is alive, else None."""
-    with contextlib.suppress(ValueError, ProcessLookupError, FileNotFoundError):
-        pid = int(open(lock).read())
-        with contextlib.suppress(PermissionError):  # it exists, run by another user
-            os.kill(pid, 0)  # signal 0 only asks whether the process exists
-        return pid
+def _lock(folder):
+    """An exclusive OS lock on folder/.lock (fcntl on Linux and macOS, msvcrt on Windows), or None while another
+    process holds it. The system drops it when its process ends, however it ends (kill -9, a closed window), so
+    no dead run's lock is ever left. The file stays: deleting it would let a process lock a file that is gone."""
+    f = open(os.path.join(folder, '.lock'), 'a+')
+    try:
+        if os.name == 'nt':
+            import msvcrt
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)  # byte 0 (Windows locks bytes past the end too)
+        else:
+            import fcntl
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return f
+    except OSError:
+        f.close()
+
+
+def shell_command(words):
+    """A command line the user's shell runs as it stands: cmd.exe's quoting on Windows, POSIX elsewhere."""
+    return subprocess.list2cmdline(words) if os.name == 'nt' else shlex.join(words)
 
 
 def _interrupted(args, script, argv, path):
     """The Ctrl-C handler: one line naming the epoch really on disk (read back, so also right when Ctrl-C lands
-    during the checkpoint write) and the shell-quoted command that goes on from it; exit status 130."""
+    during the checkpoint write) and the command that goes on from it; exit status 130."""
     if args.out in _REPLACING:  # --overwrite before its first checkpoint: the old run is still all there
         print(f'\ninterrupted before the first epoch ended; the run in {args.out} is kept as it was', file=sys.stderr)
         raise SystemExit(130)
     epoch = (_read_checkpoint(path, quiet=True) or {}).get('epoch')
     flag = '--resume' if epoch is not None and epoch < args.epochs and not args.sample_only else '--sample-only'
     kept = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ('--resume', '--overwrite', '--sample-only')]
-    command = shlex.join([sys.executable, sys.argv[0] if sys.argv[0].endswith(f'{script}.py') else f'{script}.py']
-                         + kept + [flag])
+    command = shell_command([sys.executable, sys.argv[0] if sys.argv[0].endswith(f'{script}.py') else f'{script}.py']
+                            + kept + [flag])
     then = 'Continue' if flag == '--resume' else 'Redo the metrics and pictures'
     print(('\n' if sys.stdout.isatty() else '') + (f'interrupted; {path} holds epoch {epoch} of {args.epochs}. '
           f'{then} with: {command}' if epoch is not None else 'interrupted before the first epoch ended; nothing '
@@ -266,19 +335,54 @@ def _as_option(key, value):
 @contextlib.contextmanager
 def claim_out(args, script, argv, fixed=()):
     """Own --out or stop before touching it; yields the checkpoint there for --resume / --sample-only (else
-    None). A fresh run never replaces a trained model; --overwrite replaces only a run of this script, and
-    only once its first checkpoint is written (a failure before leaves the old run as it was); one process
-    writes a folder at a time (a lock file with its pid; a dead process's lock is taken over); a resumed run
-    keeps the options in `fixed`; Ctrl-C anywhere exits 130 with one line naming the epoch on disk; a
-    failed start leaves no empty folders."""
-    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, the handler below
+    None). One process writes a folder at a time (an OS lock, taken before anything in it is read); a fresh
+    run never replaces a trained model; --overwrite replaces only a run of this script, and only once its
+    first checkpoint is written; a resumed run keeps the options in `fixed`; Ctrl-C anywhere exits 130 with
+    one line naming the epoch on disk; a failed start leaves no folders it made."""
     args.out = os.path.join('results', script, args.dataset) if args.out is None else args.out
-    path, lock = os.path.join(args.out, 'model.pt'), os.path.join(args.out, '.lock')
-    again = args.resume or args.sample_only  # argparse has refused any two of --resume, --overwrite, --sample-only
     if not args.out:
         fail("--out '' names no folder")
-    previous = _read_checkpoint(path, quiet=args.overwrite)  # --overwrite may replace a damaged file
+    path, created = os.path.join(args.out, 'model.pt'), _missing_folders(args.out)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        lock = _lock(args.out)
+    except OSError as e:
+        _remove_empty(created)
+        fail(f'cannot write to --out {args.out} ({e.strerror}' + ('; its .lock is a folder: move it away)'
+                                                                   if os.path.isdir(f'{args.out}/.lock') else ')'))
+    if lock is None:
+        fail(f'{args.out} is being written by another run; wait for it to end, or use another --out')
+    try:
+        previous = _previous_run(args, script, path, fixed)
+        for name in os.listdir(args.out):  # temp files of a writer that was killed: we hold the lock now
+            if re.fullmatch(r'model\.pt\.\d+\.tmp', name):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(args.out, name))
+        if args.overwrite and previous:  # the old run's own files: model.pt, metrics.json, its pictures
+            _REPLACING[args.out] = [path] + _files_of_run(args.out, previous)
+        _PICTURES.clear()
+        torch.manual_seed(args.seed)
+        yield None if args.overwrite else previous
+    except KeyboardInterrupt:
+        _interrupted(args, script, argv, path)
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and 'alloc' not in str(e):
+            raise
+        asked = [f' ({int(n) / 2**30:.1f} GiB asked for at once)' for n in re.findall(r'allocate (\d+) bytes', str(e))]
+        fail(f'out of memory{asked[0] if asked else ""}: use smaller sizes or --batch-size')
+    finally:
+        _REPLACING.pop(args.out, None)
+        with contextlib.suppress(OSError):
+            os.remove(f'{path}.{os.getpid()}.tmp')
+        lock.close()
+        if created and os.listdir(args.out) == ['.lock']:  # a failed start: the folders it made go
+            os.remove(os.path.join(args.out, '.lock'))
+        _remove_empty(created)
+
+
+def _previous_run(args, script, path, fixed):
+    """The checkpoint in --out, once every check that this run may use or replace it has passed."""
+    previous, again = _read_checkpoint(path), args.resume or args.sample_only  # argparse allows one of the three
     if previous and previous['script'] != script:
         fail(f'{args.out} holds a {previous["script"]}.py run, which {script}.py never replaces; use another --out')
     if previous and not again and not args.overwrite:
@@ -287,7 +391,7 @@ def claim_out(args, script, argv, fixed=()):
     if again and not previous:
         data_dir = [] if args.data_dir == './data' else ['--data-dir', args.data_dir]
         fail(f'{"--resume" if args.resume else "--sample-only"}: no checkpoint at {path}; train first with: '
-             + shlex.join(['python', f'{script}.py', '--dataset', args.dataset] + data_dir + ['--out', args.out]))
+             + shell_command(['python', f'{script}.py', '--dataset', args.dataset] + data_dir + ['--out', args.out]))
     for key in ('dataset',) + tuple(fixed) if previous and again else ():
         was, now = previous['config'].get(key, previous.get(key)), getattr(args, key)
         if was != now and key.endswith('_sha256'):  # the hash of the file that option --<name> reads
@@ -301,72 +405,54 @@ def claim_out(args, script, argv, fixed=()):
     if args.resume and args.epochs < previous['epoch']:
         fail(f'--resume: {path} has trained {previous["epoch"]} epochs, more than --epochs {args.epochs}; pass '
              f'--epochs {previous["epoch"]} or more, or use --sample-only')
-    created = _missing_folders(args.out)  # the folders this run makes: removed if left empty
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        writer = _live_writer(lock)
-        if writer:
-            fail(f'{args.out} is being written by another run (pid {writer}); wait for it. If no run writes there '
-                 f'(that pid may now be another program), delete {lock}')
-        with open(f'{lock}.{os.getpid()}', 'w') as f:  # written whole, then renamed: a lock is never half-written
-            f.write(str(os.getpid()))
-        os.replace(f'{lock}.{os.getpid()}', lock)
-    except OSError as e:
-        fail(f'cannot write to --out {args.out} ({e.strerror})')
-    for name in os.listdir(args.out):  # temp files of a writer that was killed: we hold the lock now
-        if re.fullmatch(r'model\.pt\.\d+\.tmp|\.lock\.\d+', name):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(args.out, name))
-    if args.overwrite and os.path.exists(path):  # the old run's own files: model.pt, metrics.json, its pictures
-        _REPLACING[args.out] = [path] + _files_of_run(args.out)
-    _PICTURES.clear()
-    try:
-        torch.manual_seed(args.seed)
-        yield None if args.overwrite else previous
-    except KeyboardInterrupt:
-        _interrupted(args, script, argv, path)
-    except (MemoryError, RuntimeError) as e:
-        if not isinstance(e, MemoryError) and 'alloc' not in str(e):
-            raise
-        asked = [f'{int(n) / 2**30:.1f} GiB' for n in re.findall(r'allocate (\d+) bytes', str(e))]
-        fail(f'out of memory{" (" + asked[0] + " asked for at once)" if asked else ""}: use smaller sizes or --batch-size')
-    finally:
-        _REPLACING.pop(args.out, None)
-        for leftover in (f'{path}.{os.getpid()}.tmp', lock):
-            with contextlib.suppress(OSError):
-                os.remove(leftover)
-        _remove_empty(created)
+    return previous
 
 
-def _files_of_run(out):
-    """metrics.json and the pictures it lists: what the run in `out` wrote besides model.pt."""
+def _files_of_run(out, previous):
+    """metrics.json and the pictures it lists, when it names the checkpoint's run_id: what that run wrote."""
     try:
         with open(os.path.join(out, 'metrics.json')) as f:
-            pictures = json.load(f).get('pictures', [])
-    except (OSError, ValueError, AttributeError):
-        return []
-    return [os.path.join(out, 'metrics.json')] + [os.path.join(out, os.path.basename(p)) for p in pictures
+            metrics = json.load(f)
+        assert metrics['run_id'] == previous['run_id'] and isinstance(metrics['pictures'], list)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        return []  # no proof that it is this run's: left alone, as any file a run did not write
+    return [os.path.join(out, 'metrics.json')] + [os.path.join(out, os.path.basename(p)) for p in metrics['pictures']
                                                   if isinstance(p, str) and p.endswith('.png')]
 
 
-def restore(previous, args, model, optimizer):
+def _device_rng(device, state=None):
+    """The random stream of a CUDA or MPS device (set to `state` if given); {} on the CPU, which has one."""
+    if device.type not in ('cuda', 'mps'):
+        return {}
+    if state is not None:
+        return getattr(torch, device.type).set_rng_state(state)
+    return {device.type: getattr(torch, device.type).get_rng_state()}
+
+
+def restore(previous, args, model, optimizer, amp=None):
     """The run's state: new, or continued from `previous` (--resume, --sample-only). --seed, --lr and
     --batch-size may change on --resume; each resumed run starts a new segment of the history."""
     segment = {'from_epoch': 1, 'seed': args.seed, 'lr': args.lr, 'batch_size': args.batch_size}
-    if previous is None:
+    if previous is None:  # run_id: what proves that a metrics.json belongs to this checkpoint (--overwrite)
         return {'epoch': 0, 'history': {'train': {}, 'test': {}}, 'train_seconds': 0.0, 'train_examples': 0,
-                'segments': [segment]}
+                'segments': [segment], 'run_id': os.urandom(8).hex()}
+    device = next(model.parameters()).device
     try:
         model.load_state_dict(previous['model'])
         optimizer.load_state_dict(previous['optimizer'])
-        if args.seed == previous['config']['seed']:
-            torch.set_rng_state(previous['rng'])  # the CPU stream only: a resumed CUDA run draws other noise
+        if amp and previous.get('scaler'):
+            amp.scaler.load_state_dict(previous['scaler'])
+        if args.seed == previous['config']['seed']:  # the same streams go on; a new seed starts new ones
+            torch.set_rng_state(previous['rng'])
+            if device.type in previous.get('device_rng', {}):
+                _device_rng(device, previous['device_rng'][device.type])
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
-        fail(f'{args.out}/model.pt does not fit this model ({str(e).splitlines()[0][:200]}); replace it with '
-             f'--overwrite, or use another --out')
+        fail(f'{args.out}/model.pt does not fit this model ({str(e).splitlines()[0][:200]}); move it away, '
+             f'or use another --out')
     for group in optimizer.param_groups:  # a new --lr applies on --resume (e.g. after a NaN)
         group['lr'] = args.lr
     state = {k: previous[k] for k in ('epoch', 'history', 'train_seconds', 'train_examples', 'segments')}
+    state['run_id'] = previous.get('run_id') or os.urandom(8).hex()
     if args.sample_only:
         args.epochs = state['epoch']  # no training: the run is as long as what was trained
     else:
@@ -396,17 +482,25 @@ def _writing(path, kept):
         fail(f'cannot write {path} ({reason}); {kept}')
 
 
-def save_checkpoint(model, optimizer, args, script, state, **extra):
+def save_checkpoint(model, optimizer, args, script, state, amp=None, **extra):
     """--out/model.pt, atomically: this process's own temp file, then one rename, so a crash or Ctrl-C
     while writing leaves the previous checkpoint whole. After the first one of an --overwrite run, the old
     run's metrics.json and pictures go."""
-    path = os.path.join(args.out, 'model.pt')
+    path, tmp = os.path.join(args.out, 'model.pt'), os.path.join(args.out, f'model.pt.{os.getpid()}.tmp')
     kept = (f'{path} keeps epoch {state["epoch"] - 1}' if state['epoch'] > 1 and args.out not in _REPLACING else
             'no checkpoint of this run was written')
     with _writing(path, kept):
         torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'config': vars(args),
-                    'script': script, 'rng': torch.get_rng_state(), **state, **extra}, f'{path}.{os.getpid()}.tmp')
-        os.replace(f'{path}.{os.getpid()}.tmp', path)
+                    'script': script, 'rng': torch.get_rng_state(), 'scaler': amp.scaler.state_dict() if amp else {},
+                    'device_rng': _device_rng(next(model.parameters()).device), **state, **extra}, tmp)
+        for wait in (0.1, 0.5, 2, None):  # Windows refuses the rename while another program (an indexer, a sync
+            try:                          # client) has model.pt open: try again for a few seconds
+                os.replace(tmp, path)
+                break
+            except PermissionError:
+                if os.name != 'nt' or wait is None:
+                    raise
+                time.sleep(wait)
     for old in _REPLACING.pop(args.out, [])[1:]:  # [0] was model.pt, replaced just now
         with contextlib.suppress(OSError):
             os.remove(old)
@@ -442,6 +536,12 @@ def batches(x, batch_size, shuffle, progress=None):
         yield x[chunk]
 
 
+def clear_line():
+    """On a terminal, what wipes the progress line: spaces, which every console shows as such (an ANSI
+    erase code is printed as text by the legacy Windows console)."""
+    return '\r' + ' ' * (shutil.get_terminal_size().columns - 1) + '\r' if sys.stdout.isatty() else ''
+
+
 def clock(seconds):
     return f'{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}'
 
@@ -450,8 +550,7 @@ def print_epoch(state, epochs, test, seconds):
     """One line per epoch (what a log file or CI sees), with the time the remaining epochs should take."""
     shown = '  '.join(f'{k} {v:.4g}' for k, v in list(test.items())[:4])
     left = f', about {clock(seconds * (epochs - state["epoch"]))} left' if state['epoch'] < epochs else ''
-    clear = '\r\033[K' if sys.stdout.isatty() else ''  # wipe the progress line on a terminal
-    print(f'{clear}epoch {state["epoch"]}/{epochs}  test {shown}  ({seconds:.1f}s{left})', flush=True)
+    print(f'{clear_line()}epoch {state["epoch"]}/{epochs}  test {shown}  ({seconds:.1f}s{left})', flush=True)
 
 
 def write_metrics(args, script, state, final, **extra):
@@ -462,7 +561,7 @@ def write_metrics(args, script, state, final, **extra):
                'final_test': final, 'test_history': state['history']['test'], 'segments': state['segments'],
                'train_seconds': round(state['train_seconds'], 2),
                'train_examples_per_s': round(state['train_examples'] / max(state['train_seconds'], 1e-9), 1),
-               'pictures': sorted(set(_PICTURES)), **extra}
+               'pictures': sorted(set(_PICTURES)), 'run_id': state['run_id'], 'ran_on': dict(RAN_ON), **extra}
     path = os.path.join(args.out, 'metrics.json')
     strict = json.loads(json.dumps(metrics), parse_constant=lambda name: None)  # NaN, Infinity -> null
     with _writing(path, f'{args.out}/model.pt holds the trained model: redo this with --sample-only'):

@@ -38,11 +38,10 @@ metrics.json, model.pt.
 import hashlib
 import math
 import os
-import shlex
 import sys
 import time
 
-import common  # first: it makes a Ctrl-C while torch loads end in one line
+import common
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -196,7 +195,7 @@ def load_vqvae(args, device):
     if not os.path.isfile(args.vqvae):
         folder, name = os.path.split(args.vqvae)  # vqvae.py writes <--out>/model.pt
         out = [] if args.vqvae == default_vqvae(args.dataset) else ['--out', folder or '.']
-        common.fail(f'no VQ-VAE checkpoint at {args.vqvae}; ' + ('train one first: ' + shlex.join(
+        common.fail(f'no VQ-VAE checkpoint at {args.vqvae}; ' + ('train one first: ' + common.shell_command(
             ['python', 'vqvae.py', '--dataset', args.dataset, '--data-dir', args.data_dir] + out)
             if name == 'model.pt' else 'pass the model.pt that vqvae.py wrote'))
     try:
@@ -219,7 +218,7 @@ def encode(model, x, decoder_std, batch_size=256):
     """Images -> code grids (N, 8, 8), and -log p(x | z_q) per image under N(x_hat, s^2 I): (N,)."""
     with torch.no_grad():
         codes, recon = [], []
-        logvar = torch.tensor(2 * math.log(decoder_std), device=x.device)  # log s^2
+        logvar = torch.full((), 2 * math.log(decoder_std), device=x.device)  # log s^2
         for batch in x.split(batch_size):
             x_hat, _, _, c = model(batch)
             # (B, C, H, W) -> (B, D): one log-density per image, (B,)
@@ -241,21 +240,20 @@ def loss_terms(prior, codes):
     return {'nll': nll.mean(), 'bits_per_code': nll.mean() / math.log(2)}
 
 
-def train_epoch(prior, optimizer, codes, args, progress):
+def train_epoch(prior, optimizer, amp, codes, args, progress):
+    """One pass over the training grids in the run's precision (common.Amp)."""
     prior.train()
     logs = []
     for batch in common.batches(codes, args.batch_size, shuffle=True, progress=progress):
-        with common.autocast(codes.device, args.amp):
+        with amp.autocast():
             terms = loss_terms(prior, batch)
-        optimizer.zero_grad(set_to_none=True)
-        terms['nll'].backward()
-        optimizer.step()
+        amp.step(terms['nll'], optimizer)  # backward and Adam's step (fp16: through a GradScaler)
         logs.append(torch.stack([t.detach().float() for t in terms.values()]))  # stays on the device: no sync
     return dict(zip(terms, torch.stack(logs).T))  # {term: (n_batches,)}
 
 
 def evaluate(prior, codes, args):
-    """Test NLL per code, in fp32 even under --amp (only training runs in bfloat16)."""
+    """Test NLL per code, in fp32 whatever --precision training runs in."""
     with torch.no_grad():
         prior.eval()
         total = 0.0
@@ -277,7 +275,7 @@ def sample(prior, n, shape, temperature, device):
                 done = i * shape[1] + j + 1
                 if sys.stdout.isatty():
                     print(f'\rsampling {n} grids at T = {temperature}: position {done}/{codes[0].numel()}',
-                          end='\r\033[K' if done == codes[0].numel() else '', flush=True)
+                          end=common.clear_line() if done == codes[0].numel() else '', flush=True)
         return codes
 
 
@@ -286,7 +284,7 @@ def main(argv=None):
     fixed = ('arch', 'hidden', 'layers', 'subset', 'vqvae_sha256')  # the same prior over the same codes; --decoder-std
     # only changes the reported bound, so --sample-only --decoder-std 0.1 re-evaluates a trained prior
     with common.claim_out(args, 'pixelcnn_prior', argv, fixed) as previous:
-        device = common.pick_device(args.device)
+        device, precision = common.pick_device(args)
         vq, vq_cfg = load_vqvae(args, device)
         args.num_codes = vq_cfg['num_codes']
         train_x, test_x = common.take_subset(*common.load_images(args.dataset, args.data_dir), args.subset)
@@ -298,17 +296,17 @@ def main(argv=None):
             test_recon_discrete = torch.cat([-discrete_log_prob(b, vq(b)[0], scale) for b in test_x.to(device).split(256)])
         del train_x
         prior = ARCHS[args.arch](args.num_codes, args.hidden, args.layers).to(device)
-        optimizer = torch.optim.Adam(prior.parameters(), lr=args.lr)
-        state = common.restore(previous, args, prior, optimizer)
+        optimizer, amp = torch.optim.Adam(prior.parameters(), lr=args.lr), common.Amp(device, precision)
+        state = common.restore(previous, args, prior, optimizer, amp)
 
         for epoch in range(state['epoch'] + 1, args.epochs + 1):
             start = time.time()
-            train_logs = train_epoch(prior, optimizer, train_codes, args, (epoch, args.epochs))
+            train_logs = train_epoch(prior, optimizer, amp, train_codes, args, (epoch, args.epochs))
             seconds = time.time() - start
             test = evaluate(prior, test_codes, args)
             common.check_finite(train_logs, test, epoch, args, state)
             common.record(state, train_logs, test, seconds, len(train_codes))
-            common.save_checkpoint(prior, optimizer, args, 'pixelcnn_prior', state)
+            common.save_checkpoint(prior, optimizer, args, 'pixelcnn_prior', state, amp)
             common.print_epoch(state, args.epochs, test, seconds)
 
         final = evaluate(prior, test_codes, args)
@@ -327,8 +325,7 @@ def main(argv=None):
         codes = sample(prior, 100, test_codes.shape[1:], args.temperature, device)
         with torch.no_grad():
             images = vq.decoder(vq.lookup(codes))
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
+        common.synchronize(device)  # the GPU's queued work done: else this times the queueing only
         sample_seconds = time.time() - start
         common.image_grid(f'{args.out}/samples.png', images, 10, f'{title}: 100 samples at T = {args.temperature}')
         rows = []

@@ -220,16 +220,16 @@ def test_image_vae_end_to_end(script, image_dir, tmp_path):
         assert f['kl_if_standard_prior'] == pytest.approx(float(kl), rel=1e-5)
 
 
-def test_reported_image_numbers_are_fp32_under_amp():
-    """--amp trains in bfloat16; the test numbers it reports are the same as without it."""
+def test_reported_image_numbers_are_fp32_whatever_the_precision():
+    """--precision bf16 or fp16 trains in that format; the test numbers it reports are the same as in fp32."""
     torch.manual_seed(0)
     model, x = vae_image.VAE(3, 16, 0.1), torch.rand(8, 3, 32, 32) * 2 - 1
     results = []
-    for amp in (True, False):
+    for precision in ('bf16', 'fp16', 'fp32'):
         torch.manual_seed(1)  # the same posterior samples
-        results.append(vae_image.evaluate(model, x, vae_image.make_parser().parse_args(['--batch-size', '4'] +
-                                                                                       ['--amp'] * amp)))
-    assert results[0] == results[1]
+        results.append(vae_image.evaluate(model, x, vae_image.make_parser().parse_args(
+            ['--batch-size', '4', '--precision', precision])))
+    assert results[0] == results[1] == results[2]
 
 
 def test_image_loss_is_recon_plus_the_closed_form_kl_per_image():
@@ -342,14 +342,14 @@ def test_discrete_likelihood_is_the_gaussian_mass_of_each_level(mean, scale):
     normal = torch.distributions.Normal(torch.tensor(mean, dtype=torch.float64), scale)
     upper = torch.where(LEVELS == 1, 1.0, normal.cdf(LEVELS + 1 / 255))
     lower = torch.where(LEVELS == -1, 0.0, normal.cdf(LEVELS - 1 / 255))
-    assert torch.allclose(log_p.exp(), upper - lower, atol=1e-12)
-    assert float(log_p.exp().sum()) == pytest.approx(1.0, abs=1e-9)
+    assert torch.allclose(log_p.double().exp(), upper - lower, rtol=1e-5, atol=1e-9)  # float32 log-probs
+    assert float(log_p.double().exp().sum()) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_discrete_likelihood_sums_to_one_over_every_two_pixel_image():
     images = torch.cartesian_prod(LEVELS, LEVELS)  # all 65,536 images of two 8-bit pixels
     log_p = vae_image.discrete_log_prob(images, torch.tensor([[0.2, -0.7]]).expand(len(images), 2), 0.1)
-    assert float(log_p.exp().sum()) == pytest.approx(1.0, abs=1e-9)
+    assert float(log_p.double().exp().sum()) == pytest.approx(1.0, abs=2e-6)
     far = vae_image.discrete_log_prob(torch.tensor([[1.0]]), torch.tensor([[-1.0]]), 0.01)  # 200 std away:
     assert torch.isfinite(far).all() and far < -19_000  # finite, in the tail, where a plain CDF difference is 0
 
@@ -780,7 +780,7 @@ def test_restarts_never_follow_an_epochs_last_step(monkeypatch):
     model = vqvae.VQVAE(3, num_codes=8, code_dim=8)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     args = vqvae.parse_args(['--batch-size', '4', '--num-codes', '8', '--restart-below', '1e9'])  # every code dead
-    logs = vqvae.train_epoch(model, optimizer, torch.rand(10, 3, 32, 32) * 2 - 1, args, (1, 1))
+    logs = vqvae.train_epoch(model, optimizer, FP32, torch.rand(10, 3, 32, 32) * 2 - 1, args, (1, 1))
     assert len(calls) == 2 and logs['restarts'].tolist() == [8, 0, 0]  # batches of 4, 4, 2: none after the last
 
 
@@ -862,7 +862,7 @@ def test_prior_is_causal(arch):
 def test_vqvae_then_priors_end_to_end(image_dir, tmp_path):
     vq_out = str(tmp_path / 'vq')
     vqvae.main(['--dataset', 'cifar10', '--data-dir', image_dir, '--epochs', '2', '--batch-size', '16',
-                '--num-codes', '16', '--code-dim', '32', '--out', vq_out, '--amp'])
+                '--num-codes', '16', '--code-dim', '32', '--out', vq_out])
     for name in ('reconstructions.png', 'code_usage.png', 'curves.png', 'metrics.json', 'model.pt'):
         assert os.path.getsize(os.path.join(vq_out, name)) > 0, name
     m = read_metrics(vq_out)
@@ -870,7 +870,7 @@ def test_vqvae_then_priors_end_to_end(image_dir, tmp_path):
     assert 1 <= m['final_test']['perplexity'] <= 16 and 1 <= m['final_test']['codes_used'] <= 16
     assert m['test_history']['recon_mse'][-1] < m['test_history']['recon_mse'][0]
     ckpt = torch.load(os.path.join(vq_out, 'model.pt'), weights_only=True)  # final_test, recomputed by hand on
-    model = vqvae.VQVAE(3, 16, 32)  # the test images, in fp32 although the run trained with --amp
+    model = vqvae.VQVAE(3, 16, 32)  # the test images
     model.load_state_dict(ckpt['model'])
     with torch.no_grad():
         x = common.load_images('cifar10', image_dir)[1]
@@ -885,10 +885,13 @@ def test_vqvae_then_priors_end_to_end(image_dir, tmp_path):
         out = str(tmp_path / arch)
         pixelcnn_prior.main(['--dataset', 'cifar10', '--data-dir', image_dir, '--vqvae',
                              os.path.join(vq_out, 'model.pt'), '--arch', arch, '--epochs', '2', '--batch-size', '16',
-                             '--hidden', '16', '--layers', '8', '--out', out])
+                             '--hidden', '16', '--layers', '8', '--out', out] + ['--precision', 'fp16'] * (arch == 'gated'))
         for name in ('samples.png', 'temperatures.png', 'curves.png', 'metrics.json', 'model.pt'):
             assert os.path.getsize(os.path.join(out, name)) > 0, name
-        f = read_metrics(out)['final_test']
+        m = read_metrics(out)
+        f = m['final_test']
+        assert m['ran_on']['precision'] == ('fp16' if arch == 'gated' else common.choose_precision(
+            'auto', common.machine_facts(torch.device('cpu')))[0])  # fp16: through the GradScaler
         assert 0 < f['nll'] < math.log(16) + 0.5 and f['bits_per_code'] == pytest.approx(f['nll'] / math.log(2))
         assert f['bits_per_dim'] > 0 and read_metrics(out)['sample_seconds_100'] > 0
 
@@ -962,11 +965,11 @@ def test_vq_and_prior_bound_by_hand(image_dir, tmp_path):
     assert f['bits_per_dim'] == pytest.approx(float(bound / 3072 / math.log(2) + math.log2(127.5)), rel=1e-4)
 
 
-def test_prior_test_nll_is_fp32_under_amp():
+def test_prior_test_nll_is_fp32_whatever_the_precision():
     torch.manual_seed(0)
     prior, codes = pixelcnn_prior.ARCHS['gated'](10, 8, 3), torch.randint(0, 10, (6, 8, 8))
     a, b = (pixelcnn_prior.evaluate(prior, codes, pixelcnn_prior.parse_args(['--batch-size', '4'] + flag))
-            for flag in (['--amp'], []))
+            for flag in (['--precision', 'bf16'], []))
     with torch.no_grad():
         by_hand = F.cross_entropy(prior(codes), codes, reduction="sum") / codes.numel()
     assert a == b and a['nll'] == pytest.approx(float(by_hand), rel=1e-6)
@@ -1075,6 +1078,162 @@ def test_hostile_pickle_is_refused_and_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
+# ------------------------------------------------------------------------------- precision and devices
+
+CPU_AVX2 = {'device': 'cpu', 'cpu_isa': 'AVX2', 'amx': False, 'cuda_capability': None}
+
+
+@pytest.mark.parametrize('machine, expected', [
+    (CPU_AVX2, 'fp32'),                                                # AMD and Intel laptops, AMD desktops
+    ({**CPU_AVX2, 'cpu_isa': 'AVX512'}, 'fp32'),                      # AVX-512 (with or without bf16), no AMX
+    ({**CPU_AVX2, 'cpu_isa': 'AVX512', 'amx': True}, 'bf16'),         # Xeon since Sapphire Rapids
+    ({**CPU_AVX2, 'amx': True}, 'fp32'),                              # the same, run as an AVX2 CPU
+    ({**CPU_AVX2, 'cpu_isa': 'DEFAULT'}, 'fp32'),                     # ARM
+    ({**CPU_AVX2, 'device': 'mps'}, 'fp32'),                          # Apple Silicon
+    ({**CPU_AVX2, 'device': 'cuda', 'cuda_capability': (7, 5)}, 'fp16'),  # T4 (Colab), RTX 20xx
+    ({**CPU_AVX2, 'device': 'cuda', 'cuda_capability': (7, 0)}, 'fp16'),  # V100
+    ({**CPU_AVX2, 'device': 'cuda', 'cuda_capability': (8, 0)}, 'bf16'),  # A100
+    ({**CPU_AVX2, 'device': 'cuda', 'cuda_capability': (8, 6)}, 'bf16'),  # RTX 30xx
+    ({**CPU_AVX2, 'device': 'cuda', 'cuda_capability': (9, 0)}, 'bf16')])  # H100
+def test_auto_precision_for_each_kind_of_machine(machine, expected):
+    assert common.choose_precision('auto', machine) == (expected, 'auto')
+    assert common.choose_precision('fp32', machine) == ('fp32', 'asked')  # never second-guessed
+
+
+def test_a_slow_explicit_precision_runs_with_a_note():
+    assert common.choose_precision('bf16', CPU_AVX2) == ('bf16', 'asked; likely slower than fp32 on this cpu')
+    assert common.choose_precision('fp16', {**CPU_AVX2, 'cpu_isa': 'AVX512', 'amx': True})[1].endswith('than bf16 on this cpu')
+    t4 = {**CPU_AVX2, 'device': 'cuda', 'cuda_capability': (7, 5)}
+    assert common.choose_precision('bf16', t4) == ('bf16', 'asked; likely slower than fp16 on this cuda')  # emulated
+    assert common.choose_precision('fp16', {**t4, 'cuda_capability': (8, 0)}) == ('fp16', 'asked')
+
+
+def test_the_cpus_facts_follow_what_torch_is_told_to_use(monkeypatch):
+    """An AMX Xeon run as an AVX2 laptop (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2) counts as one."""
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: True, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX512')
+    monkeypatch.delenv('ONEDNN_MAX_CPU_ISA', raising=False)
+    monkeypatch.delenv('DNNL_MAX_CPU_ISA', raising=False)
+    assert common.choose_precision('auto', common.machine_facts(torch.device('cpu')))[0] == 'bf16'
+    for isa in ('AVX2', 'AVX512_CORE_BF16'):
+        monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', isa)
+        assert not common.machine_facts(torch.device('cpu'))['amx']
+    monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX512_CORE_AMX')
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX2')
+    assert common.choose_precision('auto', common.machine_facts(torch.device('cpu')))[0] == 'fp32'
+
+
+def fp16_steps(model, loss, steps=14, clip=0.0):
+    """Adam steps on one fixed batch under fp16 autocast and the GradScaler: the loss at each step. The
+    scaler starts at 2^16 and halves at each step whose gradients overflow, skipping it."""
+    amp = common.Amp(torch.device('cpu'), 'fp16')
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    values = []
+    for _ in range(steps):
+        with amp.autocast():
+            value = loss()
+        amp.step(value, optimizer, clip)
+        values.append(float(value.detach()))
+    assert amp.scaler.is_enabled() and 1 < amp.scaler.get_scale() <= 2**16  # the scaled path, not plain fp32
+    return values
+
+
+@pytest.mark.parametrize('name', ['vae_image', 'vlae', 'vqvae', 'gated', 'pixelcnn'])
+def test_fp16_with_a_grad_scaler_trains_every_image_model(name):
+    """Each image script's loss under fp16 autocast on the CPU, through the GradScaler (and clipping for the
+    VQ-VAE): finite at every step, and lower after 14 steps on the same batch (fp16 is slow on most CPUs: 2
+    images)."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    if name in ('vae_image', 'vlae'):
+        prior = vlae.FlowPrior(16, 64) if name == 'vlae' else None
+        model = vae_image.VAE(3, 16, 1.0, prior=prior)
+        loss = (vlae if prior else vae_image).loss_terms
+        values = fp16_steps(model, lambda: loss(model, x)['neg_elbo'] if torch.manual_seed(1) else None)  # same z noise
+    elif name == 'vqvae':
+        model = vqvae.VQVAE(3, 16, 32)
+        values = fp16_steps(model, lambda: vqvae.loss_terms(model, x, 1.0)['loss'], clip=1.0)
+    else:
+        model, codes = pixelcnn_prior.ARCHS[name](16, 16, 4), torch.randint(0, 16, (2, 8, 8))
+        values = fp16_steps(model, lambda: pixelcnn_prior.loss_terms(model, codes)['nll'])
+    assert all(math.isfinite(v) for v in values) and values[-1] < min(values[:3]), values
+
+
+def test_fp16_keeps_the_flows_exp_in_fp32():
+    """fp16's exp overflows above 11.09: under autocast the MADE's outputs are fp32, so a large log sigma is
+    a large, finite sigma."""
+    prior = vlae.FlowPrior(4, 8)
+    torch.nn.init.constant_(prior.made.net[-1].bias, 12.0)
+    with torch.autocast('cpu', dtype=torch.float16):
+        eps, log_sigma = prior(torch.ones(2, 4))
+    assert log_sigma.dtype == torch.float32 and torch.isfinite(eps).all() and torch.isfinite(prior.log_prob(torch.ones(2, 4))).all()
+
+
+class DeviceFloat64Watch(torch.overrides.TorchFunctionMode):
+    """Stands in for a GPU or a Mac on a CPU-only machine: a tensor counts as on the device once it went
+    through .to(<torch.device>) or was made with device=, as main does it; .cpu() brings it back to the host,
+    and every result of an op with an input on the device is on the device too. A float64 made on the
+    device is recorded: MPS has no float64, and a CUDA float64 is slow."""
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        name = getattr(func, '__name__', str(func))
+        if name == 'cpu':
+            out, on_device = out.clone() if out is args[0] else out, False  # a copy of its own: marks differ
+        elif name == 'to' and any(isinstance(a, torch.device) for a in list(args[1:]) + list(kwargs.values())):
+            on_device = True
+        else:
+            on_device = any(getattr(t, 'on_device', False) for t in inputs) or isinstance(kwargs.get('device'), torch.device)
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and on_device:
+                t.on_device = True
+                if t.dtype == torch.float64:
+                    self.found.append(name)
+        return out
+
+
+def test_nothing_in_float64_on_a_device_path(image_dir, tmp_path):
+    """The image VAE's and the prior's final metrics (the discrete likelihood, fitted scale, IW bound) under
+    the watch above: no float64 tensor on the device. (The old discrete_log_prob's x.double() was one.)"""
+    torch.manual_seed(0)
+    model, x = vae_image.VAE(3, 16, 1.0), torch.rand(12, 3, 32, 32) * 2 - 1
+    args = vae_image.make_parser().parse_args(['--iw-samples', '2', '--iw-examples', '4'])
+    with DeviceFloat64Watch() as watch:
+        x = x.to(torch.device('cpu'))
+        vae_image.final_metrics(model, x, x, args)
+        vq = vqvae.VQVAE(3, 8, 16).to(torch.device('cpu')).eval()
+        with torch.no_grad():
+            vae_image.discrete_log_prob(x, vq(x)[0], 0.05)
+            x.double()  # the watch itself: this is what it must see
+    assert watch.found == ['double'], watch.found
+
+
+def test_the_device_random_stream_is_saved_beside_the_cpus(monkeypatch, tmp_path):
+    """A resumed CUDA or MPS run draws on from where it stopped: the checkpoint keeps that device's stream
+    (stood in for here by a fake 'cuda' device whose stream is a tensor)."""
+    stream = {'state': torch.tensor([1, 2, 3], dtype=torch.uint8)}
+    fake = types.SimpleNamespace(get_rng_state=lambda: stream['state'].clone(),
+                                 set_rng_state=lambda s: stream.update(state=s.clone()))
+    monkeypatch.setattr(torch, 'cuda', fake)
+    saved = common._device_rng(torch.device('cuda'))
+    stream['state'] = torch.tensor([9, 9, 9], dtype=torch.uint8)
+    common._device_rng(torch.device('cuda'), saved['cuda'])
+    assert stream['state'].tolist() == [1, 2, 3] and common._device_rng(torch.device('cpu')) == {}
+
+
+def test_a_run_says_where_it_ran(tmp_path, capsys):
+    m = vae_2d.main(TWO_EPOCHS + ['--out', str(tmp_path)])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith('running on cpu (') and 'in fp32' in first and f'{torch.get_num_threads()} CPU threads' in first
+    assert m['ran_on'] == {'device': 'cpu', 'precision': 'fp32', 'threads': torch.get_num_threads(),
+                           'torch': torch.__version__} and m['config']['device'] == 'auto'
+
+
 # -------------------------------------------------------------------------------------- runs a user can trust
 
 def test_same_seed_gives_same_metrics(tmp_path):
@@ -1087,9 +1246,24 @@ def test_same_seed_gives_same_metrics(tmp_path):
 
 
 def files(folder):
-    """{name: bytes} of every file in folder (recursively): to check that a refused run touched nothing."""
+    """{name: bytes} of every file in folder (recursively), but the lock's empty file: to check that a refused
+    run touched nothing."""
     return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), 'rb').read()
-            for d, _, names in os.walk(folder) for n in names}
+            for d, _, names in os.walk(folder) for n in names if n != '.lock'}
+
+
+def split_command(text):
+    """A command line as this system's shell splits it: CommandLineToArgvW on Windows, POSIX rules elsewhere."""
+    if os.name != 'nt':
+        return shlex.split(text)
+    import ctypes
+    argc, split = ctypes.c_int(), ctypes.windll.shell32.CommandLineToArgvW
+    split.restype = ctypes.POINTER(ctypes.c_wchar_p)
+    argv = split(text, ctypes.byref(argc))
+    return [argv[i] for i in range(argc.value)]
+
+
+FP32 = common.Amp(torch.device('cpu'), 'fp32')
 
 
 def after_first_checkpoint(out, action):
@@ -1119,9 +1293,9 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch
         vae_2d.main(args + ['--out', out])
     message = capsys.readouterr().err.strip()
     assert e.value.code == 130 and '\n' not in message and 'holds epoch 1 of 3' in message
-    command = shlex.split(message.split('Continue with: ')[1])  # shell-quoted, with this Python
+    command = split_command(message.split('Continue with: ')[1])  # quoted for this system's shell, this Python
     assert command == [sys.executable, 'vae_2d.py'] + args + ['--out', out, '--resume']
-    assert sorted(os.listdir(out)) == ['model.pt']  # no lock and no temp file left behind
+    assert sorted(os.listdir(out)) == ['.lock', 'model.pt']  # no temp file left (the lock's empty file stays)
     monkeypatch.undo()
     resumed = vae_2d.main(args + ['--out', out, '--resume'])
     assert resumed['final_test'] == whole['final_test'] and resumed['test_history'] == whole['test_history']
@@ -1150,7 +1324,7 @@ def test_overwrite_starts_again_in_a_clean_folder(tmp_path, capsys):
     second = vae_2d.main(['--epochs', '1', '--subset', '1000', '--iw-samples', '5', '--seed', '1', '--out', str(out),
                           '--overwrite'])
     assert not (out / 'old.png').exists() and (out / 'notes.png').exists() and second['epochs_trained'] == 1
-    assert sorted(os.listdir(out)) == sorted(['model.pt', 'metrics.json', 'notes.png'] + second['pictures'])
+    assert sorted(os.listdir(out)) == sorted(['.lock', 'model.pt', 'metrics.json', 'notes.png'] + second['pictures'])
     assert torch.load(out / 'model.pt', weights_only=True)['epoch'] == 1 and second['final_test'] != first['final_test']
     with pytest.raises(SystemExit) as e:  # argparse refuses the pair before anything is read or written
         vae_2d.main(TWO_EPOCHS + ['--out', str(out), '--overwrite', '--resume'])
@@ -1176,21 +1350,36 @@ def test_overwrite_that_fails_keeps_the_old_run_byte_for_byte(image_dir, tmp_pat
     assert files(out) == before
 
 
+def test_overwrite_removes_only_what_the_checkpoints_run_wrote(image_dir, tmp_path):
+    """A metrics.json the checkpoint's run did not write (a user's, or one saying another script) is no proof:
+    --overwrite removes none of the pictures it lists. The run's own metrics.json carries its run_id."""
+    out = tmp_path / 'run'
+    first = vae_2d.main(TWO_EPOCHS + ['--out', str(out)])
+    assert first['run_id'] == torch.load(out / 'model.pt', weights_only=True)['run_id']
+    for foreign in ({'accuracy': 0.91, 'pictures': ['samples.png', 'mine.png']},
+                    {**first, 'script': 'vqvae', 'run_id': 'someone else', 'pictures': ['mine.png']}):
+        (out / 'mine.png').write_bytes(b'a picture of the user')
+        (out / 'metrics.json').write_text(json.dumps(foreign))
+        vae_2d.main(TWO_EPOCHS + ['--out', str(out), '--overwrite'])
+        assert (out / 'mine.png').read_bytes() == b'a picture of the user'
+
+
 def test_what_is_not_a_run_is_never_taken_for_one(tmp_path):
     out = tmp_path / 'run'
     out.mkdir()
     for foreign in ({'weight': torch.zeros(2)}, torch.zeros(3), [1, 2], {'model': {}, 'config': {}}):
         torch.save(foreign, out / 'model.pt')
         before = files(out)
-        for flag in ([], ['--resume'], ['--sample-only']):
+        for flag in ([], ['--resume'], ['--sample-only'], ['--overwrite']):  # not even --overwrite replaces it
             refused(vae_2d.main, TWO_EPOCHS + ['--out', str(out)] + flag, 'is not a checkpoint of these scripts',
-                    '--overwrite')
+                    'move it away')
             assert files(out) == before
     (out / 'model.pt').unlink()
     (out / 'model.pt').mkdir()  # a folder where the checkpoint should be: even --overwrite stops
     (out / 'metrics.json').write_text('{"keep": 1}')
     for flag in ([], ['--overwrite']):
-        refused(vae_2d.main, TWO_EPOCHS + ['--out', str(out)] + flag, 'model.pt is not a file', 'move it away')
+        refused(vae_2d.main, TWO_EPOCHS + ['--out', str(out)] + flag, 'model.pt is damaged or not a file',
+                'move it away')
         assert (out / 'metrics.json').read_text() == '{"keep": 1}'
 
 
@@ -1233,36 +1422,69 @@ def test_leftovers_of_a_killed_run_are_cleared(tmp_path):
     out = tmp_path / 'run'
     vae_2d.main(TWO_EPOCHS + ['--out', str(out)])
     (out / 'model.pt.999999.tmp').write_bytes(b'half a checkpoint of a writer killed with -9')
-    (out / '.lock.999999').write_text('999999')
     vae_2d.main(TWO_EPOCHS[2:] + ['--epochs', '3', '--out', str(out), '--resume'])
-    assert not any(n.endswith('.tmp') or n.startswith('.lock') for n in os.listdir(out))
+    assert not any(n.endswith('.tmp') for n in os.listdir(out))
 
 
-def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
-    import signal
-    import time
-    p = subprocess.Popen([sys.executable, 'vae_2d.py', '--out', str(tmp_path / 'r')], stderr=subprocess.PIPE,
-                         cwd=os.path.dirname(os.path.abspath(__file__)), text=True)
-    time.sleep(0.5)  # python is up, torch is loading
-    p.send_signal(signal.SIGINT)
-    err = p.communicate(timeout=300)[1]
-    assert p.returncode == 130 and 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / 'r').exists() or 'model.pt' not in os.listdir(tmp_path / 'r')
+HOLD_LOCK = """import os, sys, time
+f = open(os.path.join(sys.argv[1], '.lock'), 'a+')
+if os.name == 'nt':
+    import msvcrt; msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+else:
+    import fcntl; fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print('held', flush=True)
+time.sleep(120)"""
 
 
-def test_one_writer_per_folder(tmp_path):
+def test_one_writer_per_folder_and_a_killed_writer_holds_nothing(tmp_path):
+    """Another process holding --out's OS lock refuses a run and leaves the folder as it was; killed with
+    SIGKILL (no clean-up of its own), its lock is gone at once and the next run goes ahead."""
     out = tmp_path / 'run'
     vae_2d.main(TWO_EPOCHS + ['--out', str(out)])
-    (out / '.lock').write_text(str(os.getppid()))  # a live process (pytest's parent) holds the folder
-    before = files(out)
-    refused(vae_2d.main, TWO_EPOCHS[2:] + ['--epochs', '3', '--out', str(out), '--resume'],
-            'being written by another run', f'pid {os.getppid()}')
-    assert files(out) == before
-    ended = subprocess.Popen([sys.executable, '-c', 'pass'])
-    ended.wait()
-    (out / '.lock').write_text(str(ended.pid))  # a lock left by a process that has ended is taken over
+    holder = subprocess.Popen([sys.executable, '-c', HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        before = files(out)
+        refused(vae_2d.main, TWO_EPOCHS[2:] + ['--epochs', '3', '--out', str(out), '--resume'],
+                'being written by another run', 'wait for it')
+        assert files(out) == before
+    finally:
+        holder.kill()  # SIGKILL on POSIX, TerminateProcess on Windows
+        holder.wait()
     assert vae_2d.main(TWO_EPOCHS[2:] + ['--epochs', '3', '--out', str(out), '--resume'])['epochs_trained'] == 3
-    assert not (out / '.lock').exists()
+
+
+def test_runs_started_at_the_same_instant_never_share_a_folder(tmp_path):
+    """Eight claims of one --out released at one barrier, five times over: the OS lock is taken before the
+    folder is read, so no two claims are ever inside at once, and only the first inside finds no run there."""
+    import threading
+    for repeat in range(5):
+        out, barrier, events = str(tmp_path / f'race{repeat}'), threading.Barrier(8), []
+
+        def claim(i):
+            args = vae_2d.parse_args(['--out', out, '--seed', str(i)])
+            barrier.wait()
+            try:
+                with common.claim_out(args, 'vae_2d', []) as previous:
+                    events.append(('in', i, previous))
+                    if not os.path.exists(os.path.join(out, 'model.pt')):
+                        torch.save({k: {} for k in common._KEYS} | {'config': {'epochs': 1, 'seed': i, 'dataset': 'x'},
+                                   'script': 'vae_2d', 'epoch': 1, 'segments': []}, os.path.join(out, 'model.pt'))
+                    events.append(('out', i, None))
+            except SystemExit as e:
+                events.append(('refused', i, str(e)))
+        threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        inside = [e[0] for e in events if e[0] != 'refused']
+        assert inside == ['in', 'out'] * (len(inside) // 2)  # one claim at a time, never two inside
+        assert sum(e[0] == 'in' for e in events) == 1  # after the first, each finds a run and is refused
+        assert all('being written by another run' in e[2] or 'already holds a run' in e[2]
+                   for e in events if e[0] == 'refused')
+        winner = next(i for kind, i, _ in events if kind == 'in')
+        assert torch.load(os.path.join(out, 'model.pt'), weights_only=True)['config']['seed'] == winner
 
 
 def test_ctrl_c_after_training_keeps_everything_and_suggests_sample_only(tmp_path, monkeypatch, capsys):
@@ -1293,7 +1515,8 @@ def test_ctrl_c_while_writing_the_checkpoint_names_the_epoch_on_disk(tmp_path, m
     with pytest.raises(SystemExit) as e:
         vae_2d.main(TWO_EPOCHS + ['--out', str(out)])
     assert e.value.code == 130 and 'holds epoch 1 of 2' in capsys.readouterr().err
-    assert sorted(os.listdir(out)) == ['model.pt'] and torch.load(out / 'model.pt', weights_only=True)['epoch'] == 1
+    assert sorted(os.listdir(out)) == ['.lock', 'model.pt']
+    assert torch.load(out / 'model.pt', weights_only=True)['epoch'] == 1
 
 
 def test_nan_in_the_first_epoch_says_nothing_was_saved(image_dir, tmp_path, monkeypatch):
@@ -1345,7 +1568,7 @@ def test_messages_that_say_what_to_do(image_dir, tmp_path):
     refused(vae_2d.main, TWO_EPOCHS[2:] + ['--epochs', '1', '--out', str(out), '--resume'], 'trained 2 epochs',
             '--epochs 1', '--sample-only')
     (out / 'model.pt').write_bytes((out / 'model.pt').read_bytes()[:1000])  # a truncated checkpoint
-    refused(vae_2d.main, TWO_EPOCHS + ['--out', str(out), '--resume'], 'model.pt is damaged', '--overwrite')
+    refused(vae_2d.main, TWO_EPOCHS + ['--out', str(out), '--resume'], 'model.pt is damaged', 'move it away')
     refused(vae_2d.main, TWO_EPOCHS + ['--out', ''], "--out ''")
     refused(vae_2d.main, ['--subset', '9', '--out', str(tmp_path / 'small')], '--subset 9 leaves 1 test examples')
     refused(vae_image.main, ['--dataset', 'cifar10', '--data-dir', os.path.join(image_dir, 'cifar10.pkl'),

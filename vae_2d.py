@@ -28,7 +28,7 @@ Writes into results/vae_2d/<dataset>/: samples.png, curves.png, kl_per_dim.png, 
 import math
 import time
 
-import common  # first: it makes a Ctrl-C while torch loads end in one line
+import common
 import torch
 import torch.nn as nn
 
@@ -43,7 +43,7 @@ def parse_args(argv=None):
         lr=1e-3, why={'epochs': '20 passes reach within 0.05 nats of the entropy floor on gaussian1.',
                       'batch_size': '128: small enough for many steps per epoch on 10,000 points.',
                       'lr': "1e-3 is Adam's usual step; larger makes the learned decoder variance unstable."},
-        amp=False)
+        precision=False)
     p.add_argument('--hidden', type=common.positive(int), default=128,
                    help='width of the two hidden layers of encoder and decoder; 128 is ample for 2D data')
     p.add_argument('--iw-samples', type=common.positive(int, high=10_000), default=100,
@@ -165,7 +165,7 @@ def scatter_2d(path, panels, title):
 def main(argv=None):
     args = parse_args(argv)
     with common.claim_out(args, 'vae_2d', argv, fixed=('hidden', 'subset')) as previous:  # Ctrl-C: exit 130
-        device = common.pick_device(args.device)
+        device, _ = common.pick_device(args)  # always fp32: the MLPs are too small to gain
         train_x, test_x = common.take_subset(*common.load_2d(args.dataset), args.subset)
         train_x, test_x = train_x.to(device), test_x.to(device)
         model = VAE2d(args.hidden).to(device)

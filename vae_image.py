@@ -42,7 +42,7 @@ traversals.png, kl_per_dim.png, curves.png, metrics.json, model.pt.
 import math
 import time
 
-import common  # first: it makes a Ctrl-C while torch loads end in one line
+import common
 import torch
 import torch.nn as nn
 
@@ -86,7 +86,7 @@ class Encoder(nn.Module):
             nn.Flatten(), nn.Linear(4 * 4 * 256, 2 * z_dim))  # (B, 4096) -> (B, 2 z_dim)
 
     def forward(self, x):
-        mu, logvar = self.net(x).float().chunk(2, dim=1)  # (B, 2 z_dim) -> 2 x (B, z_dim); fp32 under --amp
+        mu, logvar = self.net(x).float().chunk(2, dim=1)  # (B, 2 z_dim) -> 2 x (B, z_dim); fp32 under autocast
         return mu, logvar
 
 
@@ -131,7 +131,7 @@ class VAE(nn.Module):
 def reconstruction(model, x, z):
     """-log p(x|z) = -log N(x; decoder(z), s^2 I) summed over pixels, and the per-pixel squared error: (B,) each."""
     x, mean = x.flatten(1), model.decoder(z).flatten(1)  # (B, C, H, W) -> (B, D)
-    logvar = torch.tensor(2 * math.log(model.decoder_std), device=x.device)  # log s^2, fixed
+    logvar = torch.full((), 2 * math.log(model.decoder_std), device=x.device)  # log s^2, fixed; filled there: no sync
     return -gaussian_log_prob(x, mean, logvar), ((x - mean) ** 2).mean(1)
 
 
@@ -147,15 +147,19 @@ def discrete_log_prob(x, mean, scale):
     levels sit 2/255 apart: level x gets the Gaussian's mass within 1/255 of it, the two end levels also the
     tails. The masses sum to one over a pixel's 256 levels, so P(x|z), and P(x) = E_p(z) P(x|z), are
     distributions over 8-bit images and an ELBO computed with it bounds -log P(x) (Jensen): the papers'
-    bits/dim. A density at the levels bounds nothing of the kind (it can exceed 1)."""
-    x, mean = x.flatten(1).double(), mean.flatten(1).double()  # (B, D); float64: masses far in a tail
+    bits/dim. A density at the levels bounds nothing of the kind (it can exceed 1). Computed on the CPU in
+    float64 (masses far in a tail; MPS has neither float64 nor log_ndtr); returned in float32 on x's device
+    (each image's sum is then within 0.001 nats)."""
+    device = x.device
+    x, mean = x.flatten(1).cpu().double(), mean.flatten(1).cpu().double()  # (B, D) on the CPU, float64
     half = 1 / 255
     lo = torch.where(x < -1 + half, -math.inf, (x - half - mean) / scale)  # the bin's edges, standardised
     hi = torch.where(x > 1 - half, math.inf, (x + half - mean) / scale)
     flip = lo + hi > 0  # a bin right of the mean: read the same mass in the left tail, where it is accurate
     lo, hi = torch.where(flip, -hi, lo), torch.where(flip, -lo, hi)
     log_hi = torch.special.log_ndtr(hi)  # log (Phi(hi) - Phi(lo)) = log Phi(hi) + log(1 - Phi(lo) / Phi(hi))
-    return (log_hi + torch.log1p(-torch.exp(torch.special.log_ndtr(lo) - log_hi))).sum(1)
+    log_p = (log_hi + torch.log1p(-torch.exp(torch.special.log_ndtr(lo) - log_hi))).sum(1)  # (B,)
+    return log_p.float().to(device)
 
 
 def fit_discrete_scale(x, x_hat):
@@ -164,7 +168,7 @@ def fit_discrete_scale(x, x_hat):
     number it gives stays a bound. For models trained with a fixed s, which need not suit discrete pixels."""
     def likeliest(grid):
         nll = torch.stack([-discrete_log_prob(x, x_hat, s).mean() for s in grid])
-        return float(grid[nll.argmin()])
+        return float(grid[int(nll.argmin())])  # the grid is on the CPU, nll on the device
     coarse = likeliest(torch.logspace(-3, 0, 13).double())  # 1e-3 .. 1, steps of a factor 1.78
     return likeliest(coarse * (10 ** 0.02) ** torch.arange(-12, 13).double())  # +-12 steps of 4.7% around it
 
@@ -187,22 +191,21 @@ def with_course_metrics(terms, dims):
 
 # ---------------------------------------------------------------------------------------------- train
 
-def train_epoch(model, optimizer, x, args, progress, loss_fn=loss_terms):
-    """One pass over x; vlae.py passes its own loss. Returns {term: per-batch values}."""
+def train_epoch(model, optimizer, amp, x, args, progress, loss_fn=loss_terms):
+    """One pass over x in the run's precision (common.Amp); vlae.py passes its own loss. Returns {term:
+    per-batch values}."""
     model.train()
     logs = []
     for batch in common.batches(x, args.batch_size, shuffle=True, progress=progress):
-        with common.autocast(x.device, args.amp):
+        with amp.autocast():
             terms = loss_fn(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        terms['neg_elbo'].backward()
-        optimizer.step()
+        amp.step(terms['neg_elbo'], optimizer)  # backward and Adam's step (fp16: through a GradScaler)
         logs.append(torch.stack([t.detach().float() for t in terms.values()]))  # stays on the device: no sync
     return dict(zip(terms, torch.stack(logs).T))  # {term: (n_batches,)}
 
 
 def evaluate(model, x, args, loss_fn=loss_terms):
-    """Mean test terms, nats per image, in fp32 even under --amp: reported numbers are not rounded to bf16."""
+    """Mean test terms, nats per image, in fp32 whatever --precision trains in: reported numbers are not rounded."""
     with torch.no_grad():
         model.eval()
         totals = {}
@@ -288,22 +291,22 @@ def kl_per_dim(model, x):
 def main(argv=None):
     args = make_parser().parse_args(argv)
     with common.claim_out(args, 'vae_image', argv, fixed=('latent_dim', 'decoder_std', 'subset')) as previous:
-        device = common.pick_device(args.device)
+        device, precision = common.pick_device(args)
         train_x, test_x = common.take_subset(*common.load_images(args.dataset, args.data_dir), args.subset)
         train_x, test_x = train_x.to(device), test_x.to(device)
         model = VAE(train_x.shape[1], args.latent_dim, args.decoder_std).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-        state = common.restore(previous, args, model, optimizer)
+        optimizer, amp = torch.optim.Adam(model.parameters(), lr=args.lr), common.Amp(device, precision)
+        state = common.restore(previous, args, model, optimizer, amp)
         train_loss = torch.compile(loss_terms) if args.compile else loss_terms  # same function, fused kernels
 
         for epoch in range(state['epoch'] + 1, args.epochs + 1):
             start = time.time()
-            train_logs = train_epoch(model, optimizer, train_x, args, (epoch, args.epochs), train_loss)
+            train_logs = train_epoch(model, optimizer, amp, train_x, args, (epoch, args.epochs), train_loss)
             seconds = time.time() - start
             test = evaluate(model, test_x, args)
             common.check_finite(train_logs, test, epoch, args, state, hint=NAN_HINT)
             common.record(state, train_logs, test, seconds, len(train_x))
-            common.save_checkpoint(model, optimizer, args, 'vae_image', state)
+            common.save_checkpoint(model, optimizer, args, 'vae_image', state, amp)
             common.print_epoch(state, args.epochs, test, seconds)
 
         final = final_metrics(model, train_x, test_x, args)

@@ -34,7 +34,7 @@ Writes into results/vlae/<dataset>/ the same files as vae_image.py.
 """
 import time
 
-import common  # first: it makes a Ctrl-C while torch loads end in one line
+import common
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -73,7 +73,7 @@ class MADE(nn.Module):
         nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, z):
-        mu, log_sigma = self.net(z).chunk(2, dim=1)  # (B, 2D) -> 2 x (B, D)
+        mu, log_sigma = self.net(z).float().chunk(2, dim=1)  # (B, 2D) -> 2 x (B, D); fp32: fp16 exp overflows > 11.09
         if self.log_sigma_bound:  # b tanh(u / b): the same near 0, never beyond +-b
             log_sigma = self.log_sigma_bound * torch.tanh(log_sigma / self.log_sigma_bound)
         return mu, log_sigma
@@ -142,23 +142,23 @@ def main(argv=None):
     args = p.parse_args(argv)
     fixed = ('latent_dim', 'decoder_std', 'subset', 'made_hidden', 'log_sigma_bound')
     with common.claim_out(args, 'vlae', argv, fixed=fixed) as previous:
-        device = common.pick_device(args.device)
+        device, precision = common.pick_device(args)
         train_x, test_x = common.take_subset(*common.load_images(args.dataset, args.data_dir), args.subset)
         train_x, test_x = train_x.to(device), test_x.to(device)
         prior = FlowPrior(args.latent_dim, args.made_hidden, args.log_sigma_bound)
         model = VAE(train_x.shape[1], args.latent_dim, args.decoder_std, prior=prior).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-        state = common.restore(previous, args, model, optimizer)
+        optimizer, amp = torch.optim.Adam(model.parameters(), lr=args.lr), common.Amp(device, precision)
+        state = common.restore(previous, args, model, optimizer, amp)
         train_loss = torch.compile(loss_terms) if args.compile else loss_terms  # same function, fused kernels
 
         for epoch in range(state['epoch'] + 1, args.epochs + 1):  # the loop of vae_image.py, with this loss
             start = time.time()
-            train_logs = vae_image.train_epoch(model, optimizer, train_x, args, (epoch, args.epochs), train_loss)
+            train_logs = vae_image.train_epoch(model, optimizer, amp, train_x, args, (epoch, args.epochs), train_loss)
             seconds = time.time() - start
             test = vae_image.evaluate(model, test_x, args, loss_terms)
             common.check_finite(train_logs, test, epoch, args, state, hint=vae_image.NAN_HINT)
             common.record(state, train_logs, test, seconds, len(train_x))
-            common.save_checkpoint(model, optimizer, args, 'vlae', state)
+            common.save_checkpoint(model, optimizer, args, 'vlae', state, amp)
             common.print_epoch(state, args.epochs, test, seconds)
 
         final = vae_image.final_metrics(model, train_x, test_x, args, loss_terms)

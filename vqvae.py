@@ -48,7 +48,7 @@ is a quarter lower after 2 epochs and a fifth lower after 20 (3 seeds each, READ
 The VQ-VAE has a uniform prior over codes during training, so its loss is not a likelihood; fitting a
 prior over the codes afterwards is the job of pixelcnn_prior.py, which reads this script's model.pt.
 
-Test numbers are computed in fp32 also under --amp (only training runs in bfloat16). Also reported on
+Test numbers are computed in fp32 whatever --precision training runs in. Also reported on
 the test set: perplexity = exp(entropy of code usage) (K if all codes were used
 equally, 1 if one code did everything), and codes_used, the number of codes chosen at least once.
 
@@ -63,7 +63,7 @@ model.pt.
 import math
 import time
 
-import common  # first: it makes a Ctrl-C while torch loads end in one line
+import common
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -109,7 +109,7 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------- model
 
 def flatten_grid(z):
-    """One row per grid cell, in fp32 even under --amp (bf16 rounding would pick wrong codes)."""
+    """One row per grid cell, in fp32 even under autocast (bf16 rounding would pick wrong codes)."""
     return z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (B, D, H, W) -> (B*H*W, D), fp32
 
 
@@ -239,50 +239,46 @@ def restart_dead_codes(model, z_e, optimizer, threshold, noise=0.01):
     equal), give it the use a new code starts with (fresh_use: 69 steps to be chosen) and reset its Adam
     moments (--codebook loss): the first to zero, the second to the live codes' average. With the first
     moment at zero and Adam's bias correction long over, its first step is a tenth of the usual size,
-    growing to the usual size over about ten steps."""
+    growing to the usual size over about ten steps. Written with masks, not a list of the dead codes: finding
+    that list, or returning their number as a Python int, would make the host wait for the GPU every step.
+    Returns the number restarted, a tensor."""
     with torch.no_grad():
-        live = model.ema_count >= threshold
-        dead = (~live).nonzero().flatten()
-        if len(dead) == 0:
-            return 0
+        dead = model.ema_count < threshold  # (K,)
         flat = flatten_grid(z_e)  # (N, D)
-        n = len(flat)  # a small batch may hold fewer outputs than there are dead codes: then draw with replacement
-        rows = torch.randperm(n, device=flat.device)[:len(dead)] if n >= len(dead) else torch.randint(
-            n, (len(dead),), device=flat.device)
-        picks = flat[rows]  # (dead, D)
+        n, k = len(flat), len(dead)  # a batch may hold fewer outputs than codes: then draw with replacement
+        rows = torch.randperm(n, device=flat.device)[:k] if n >= k else torch.randint(n, (k,), device=flat.device)
+        picks = flat[rows]  # (K, D): one distinct output per code, taken by the dead ones only
         new = picks + noise * flat.std(correction=0).clamp_min(1e-3) * torch.randn_like(picks)  # apart even if equal
-        model.codebook.weight[dead] = new
-        model.ema_count[dead] = fresh_use(threshold)
-        model.ema_sum[dead] = new * model.ema_count[dead, None]
+        model.codebook.weight.copy_(torch.where(dead[:, None], new, model.codebook.weight))
+        model.ema_count.copy_(torch.where(dead, fresh_use(threshold), model.ema_count))
+        model.ema_sum.copy_(torch.where(dead[:, None], new * model.ema_count[:, None], model.ema_sum))
         state = optimizer.state.get(model.codebook.weight, {})
         if 'exp_avg' in state:
-            state['exp_avg'][dead] = 0
-            state['exp_avg_sq'][dead] = state['exp_avg_sq'][live].mean(0) if live.any() else 0
-        return len(dead)
+            live = (~dead).float()[:, None]  # (K, 1)
+            live_mean = (state['exp_avg_sq'] * live).sum(0) / live.sum().clamp_min(1)  # 0 if none is live
+            state['exp_avg'].mul_(live)
+            state['exp_avg_sq'].copy_(torch.where(dead[:, None], live_mean, state['exp_avg_sq']))
+        return dead.sum()
 
 
 # ---------------------------------------------------------------------------------------------- train
 
-def train_epoch(model, optimizer, x, args, progress, loss_fn=loss_terms):
-    """One pass over x. After each optimizer step: the moving averages, then restarts (never on the
-    epoch's last step). Returns {term: per-batch values}, restarts included."""
+def train_epoch(model, optimizer, amp, x, args, progress, loss_fn=loss_terms):
+    """One pass over x in the run's precision (common.Amp). After each optimizer step: the moving averages,
+    then restarts (never on the epoch's last step). Returns {term: per-batch values}, restarts included."""
     model.train()
     logs = []
     n_batches = math.ceil(len(x) / args.batch_size)
     for i, batch in enumerate(common.batches(x, args.batch_size, shuffle=True, progress=progress)):
-        with common.autocast(x.device, args.amp):
+        with amp.autocast():
             terms = loss_fn(model, batch, args.beta, args.codebook == 'loss')
         codes, z_e = terms.pop('codes'), terms.pop('z_e')
-        optimizer.zero_grad(set_to_none=True)
-        terms['loss'].backward()
-        if args.clip_grad:
-            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        optimizer.step()
+        amp.step(terms['loss'], optimizer, args.clip_grad)  # backward, clipping, Adam (fp16: via a GradScaler)
         ema_update(model, z_e.detach(), codes, args.ema_decay, move_codes=args.codebook == 'ema')
-        restarted = 0
+        restarted = torch.zeros((), device=x.device)
         if args.restart_below > 0 and i < n_batches - 1:
             restarted = restart_dead_codes(model, z_e.detach(), optimizer, args.restart_below)
-        terms['restarts'] = torch.tensor(float(restarted), device=x.device)
+        terms['restarts'] = restarted.float()
         logs.append(torch.stack([t.detach().float() for t in terms.values()]))  # stays on the device: no sync
     return dict(zip(terms, torch.stack(logs).T))  # {term: (n_batches,)}
 
@@ -293,12 +289,12 @@ def evaluate(model, x, args):
     with torch.no_grad():
         model.eval()
         totals, counts = {}, torch.zeros(args.num_codes, dtype=torch.long, device=x.device)
-        for batch in common.batches(x, args.batch_size, shuffle=False):  # fp32 even under --amp: reported numbers
+        for batch in common.batches(x, args.batch_size, shuffle=False):  # fp32 whatever --precision: reported
             terms = loss_terms(model, batch, args.beta, args.codebook == 'loss')
             codes, _ = terms.pop('codes'), terms.pop('z_e')
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + v.float() * len(batch)
-            counts += torch.bincount(codes.flatten(), minlength=args.num_codes)
+            counts += F.one_hot(codes.flatten(), args.num_codes).sum(0)  # not bincount: unreliable on MPS
         return {**{k: float(v) / len(x) for k, v in totals.items()}, **usage_stats(counts)}, counts
 
 
@@ -306,29 +302,30 @@ def main(argv=None):
     args = parse_args(argv)
     fixed = ('num_codes', 'code_dim', 'beta', 'codebook', 'subset')  # what defines the model and its objective
     with common.claim_out(args, 'vqvae', argv, fixed) as previous:
-        device = common.pick_device(args.device)
+        device, precision = common.pick_device(args)
         train_x, test_x = common.take_subset(*common.load_images(args.dataset, args.data_dir), args.subset)
         train_x, test_x = train_x.to(device), test_x.to(device)
         model = VQVAE(train_x.shape[1], args.num_codes, args.code_dim).to(device)
         if args.codebook == 'ema':
             model.codebook.weight.requires_grad_(False)  # moved by ema_update, not by the optimizer
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-        state = common.restore(previous, args, model, optimizer)
+        amp = common.Amp(device, precision)
+        state = common.restore(previous, args, model, optimizer, amp)
         if previous is None:  # a new codebook: every code with the use of a new code, then the seeds
             set_use(model, fresh_use(args.restart_below))
             if args.init == 'kmeans++':
-                with torch.no_grad(), common.autocast(device, args.amp):
+                with torch.no_grad(), amp.autocast():
                     kmeans_pp_init(model, model.encoder(train_x[torch.randperm(len(train_x))[:1024]]))
         train_loss = torch.compile(loss_terms) if args.compile else loss_terms  # same function, fused kernels
 
         for epoch in range(state['epoch'] + 1, args.epochs + 1):
             start = time.time()
-            train_logs = train_epoch(model, optimizer, train_x, args, (epoch, args.epochs), train_loss)
+            train_logs = train_epoch(model, optimizer, amp, train_x, args, (epoch, args.epochs), train_loss)
             seconds = time.time() - start
             test = evaluate(model, test_x, args)[0]
             common.check_finite(train_logs, test, epoch, args, state)
             common.record(state, train_logs, test, seconds, len(train_x))
-            common.save_checkpoint(model, optimizer, args, 'vqvae', state, channels=train_x.shape[1])
+            common.save_checkpoint(model, optimizer, args, 'vqvae', state, amp, channels=train_x.shape[1])
             common.print_epoch(state, args.epochs, test, seconds)
 
         final, counts = evaluate(model, test_x, args)
