@@ -11,6 +11,7 @@ import pickle
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -72,10 +73,10 @@ def _from_pickle(path):
 
 def _from_torchvision(name, data_dir):
     """torchvision's copy (downloaded once) as uint8 (N, H, W[, C]) arrays; one line on failure, and the
-    folders the failed download made are removed."""
+    empty folders the failed download made are removed."""
     if data_dir.endswith('.pkl'):
         fail(f'--data-dir is the folder that holds {name}.pkl, and {data_dir} does not exist')
-    created = _missing_folders(data_dir)
+    created, existed = _missing_folders(data_dir), {d for d, _, _ in os.walk(data_dir)}
     try:
         if name == 'svhn':  # torchvision keeps SVHN as (N, C, H, W): -> (N, H, W, C) like the others
             return [torchvision.datasets.SVHN(data_dir, split=s, download=True).data.transpose(0, 2, 3, 1)
@@ -83,7 +84,7 @@ def _from_torchvision(name, data_dir):
         dataset = torchvision.datasets.CIFAR10 if name == 'cifar10' else torchvision.datasets.MNIST
         return [np.asarray(dataset(data_dir, train=t, download=True).data) for t in (True, False)]
     except Exception as e:
-        _remove_empty(created)
+        _remove_empty([d for d, _, _ in os.walk(data_dir, topdown=False) if d not in existed] + created)
         fail(f'no {os.path.join(data_dir, name)}.pkl, and the torchvision download into {data_dir} failed '
              f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}). Put the course data.zip\'s '
              f'{name}.pkl into {data_dir}/ or run once with network access.')
@@ -92,19 +93,21 @@ def _from_torchvision(name, data_dir):
 def load_images(name, data_dir):
     """(train, test) float tensors (N, C, 32, 32) in [-1, 1] on the CPU, from <data-dir>/<name>.pkl in the
     course data.zip format if it is there, else from torchvision. MNIST is zero-padded from 28x28."""
-    if os.path.isfile(data_dir):
-        fail(f'--data-dir {data_dir} is a file; pass its folder: --data-dir {os.path.dirname(data_dir) or "."}')
+    if not data_dir or os.path.isfile(data_dir):
+        fail(f"--data-dir '{data_dir}' is {'empty' if not data_dir else 'a file'}; pass the folder that holds it: "
+             f"--data-dir {os.path.dirname(data_dir) or './data'}")
     path = os.path.join(data_dir, f'{name}.pkl')
     arrays = _from_pickle(path) if os.path.exists(path) else _from_torchvision(name, data_dir)
     channels, size, tensors = IMAGE_CHANNELS[name], 28 if name == 'mnist' else 32, []
     for split, array in zip(('train', 'test'), arrays):
-        if not isinstance(array, np.ndarray) or array.dtype != np.uint8:
-            fail(f"{path}: '{split}' must be a uint8 numpy array, got {getattr(array, 'dtype', type(array).__name__)}")
+        if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim == 0:
+            fail(f"{path}: '{split}' must be a uint8 numpy array of images, got {type(array).__name__}" +
+                 (f" of {array.dtype}, {array.ndim} dimensions" if hasattr(array, 'dtype') else ''))
         array = array[..., None] if array.ndim == 3 and channels == 1 else array  # (N, H, W) -> (N, H, W, 1)
         if array.ndim != 4 or array.shape[1:] != (size, size, channels):
             fail(f"{path}: '{split}' has shape {array.shape}, expected (N, {size}, {size}, {channels})")
-        if len(array) == 0:
-            fail(f"{path}: '{split}' holds 0 images")
+        if len(array) < (2 if split == 'test' else 1):  # a test variance needs two
+            fail(f"{path}: '{split}' holds {len(array)} images, too few")
         x = torch.from_numpy(array).permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
         tensors.append(torch.nn.functional.pad(x, [(32 - size) // 2] * 4).float() / 127.5 - 1.0)
     return tensors
@@ -121,16 +124,17 @@ def take_subset(train, test, subset):
 
 # ---------------------------------------------------------------------------------------------------- options
 
+def positive(kind, high=None, low=0, or_zero=False):
+    """An argparse type: a number above `low` (from `low` on, with or_zero), at most `high`, which defaults
+    to what the tensors hold: float32's largest number, or 2^31 - 1 for sizes and counts."""
+    high = (3.4e38 if kind is float else 2**31 - 1) if high is None else high
 
-def positive(kind, high=math.inf, low=0, or_zero=False):
-    """An argparse type: a finite number above `low` (from `low` on, with or_zero), at most `high`."""
     def parse(text):
         value = kind(text)
         if not (math.isfinite(value) and (value >= low if or_zero else value > low) and value <= high):
-            wanted = (f'at least {low:g}' if or_zero and low else 'zero or more' if or_zero else
-                      f'above {low:g}' if low else 'positive') + (' and finite' if kind is float else '')
-            raise argparse.ArgumentTypeError(f'must be {wanted}{f", at most {high:,}" if high < math.inf else ""}, '
-                                             f'got {text}')
+            wanted = f'at least {low:g}' if or_zero and low else 'zero or more' if or_zero else \
+                f'above {low:g}' if low else 'positive'
+            raise argparse.ArgumentTypeError(f'must be {wanted}, at most {high:,}, got {text}')
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
@@ -143,9 +147,10 @@ def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, pre
                                 allow_abbrev=False)  # a flag is spelled whole, so the printed resume command runs
     p.add_argument('--dataset', choices=datasets, default=dataset, help=f'data to model (default: {dataset})')
     p.add_argument('--data-dir', default='./data', help='folder where <dataset>.pkl lives or torchvision downloads to')
-    p.add_argument('--epochs', type=positive(int), default=epochs, help=f'total training epochs. {why["epochs"]}')
+    p.add_argument('--epochs', type=positive(int, high=10**6), default=epochs, help=f'total epochs. {why["epochs"]}')
     p.add_argument('--batch-size', type=positive(int), default=batch_size, help=why['batch_size'])
-    p.add_argument('--lr', type=positive(float), default=lr, help=f'Adam learning rate. {why["lr"]}')
+    p.add_argument('--lr', type=positive(float, high=1), default=lr,  # Adam moves each weight by about lr a step
+                   help=f'Adam learning rate, at most 1. {why["lr"]}')
     p.add_argument('--seed', type=positive(int, high=2**63 - 1, or_zero=True), default=0,
                    help='random seed; on the CPU the same seed and thread count (OMP_NUM_THREADS) repeat a run exactly')
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps'], help='auto: cuda, mps, cpu')
@@ -157,13 +162,15 @@ def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, pre
     again.add_argument('--overwrite', action='store_true',
                        help="start again in an --out that holds this script's run; its model.pt, metrics.json and "
                             "pictures go once the new run's first checkpoint is written (a failure before keeps them)")
-    again.add_argument('--sample-only', action='store_true', help='reload --out/model.pt and redraw pictures only')
+    again.add_argument('--sample-only', action='store_true',
+                       help='reload --out/model.pt, recompute the final metrics and redraw the pictures (the same '
+                            'ones for the same --seed; pass another for new samples)')
     if precision:  # convolutions only: the 2D MLPs are too small to gain from it
         p.add_argument('--precision', choices=['auto', 'fp32', 'bf16', 'fp16'], default='auto',
                        help='number format of training (autocast); test numbers stay fp32. auto: bf16 on GPUs of '
                             'compute capability 8.0 on (A100, H100, RTX 30xx) and CPUs with AMX; fp16 with a '
-                            'GradScaler on older GPUs (T4, V100); fp32 elsewhere (laptop CPUs: bf16 is up to 20x '
-                            'slower there; Macs). The first line of a run says what it chose')
+                            'GradScaler on older GPUs (T4, V100); fp32 elsewhere (laptop CPUs, where bf16 is up to '
+                            '20x slower; Macs). The first line of a run says what it chose')
     if compile:  # offered where it measurably helps (README, speed)
         p.add_argument('--compile', action='store_true',
                        help='torch.compile the training step: 1.2-1.4x faster after 10-20 s of compiling; off by '
@@ -172,7 +179,6 @@ def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, pre
 
 
 # ---------------------------------------------------------------------------------------------------- device
-
 
 def machine_facts(device):
     """What the precision depends on: a CUDA GPU's compute capability; the CPU's vector instructions as torch
@@ -187,14 +193,15 @@ def choose_precision(asked, facts):
     """(precision, why) for --precision `asked` on a machine described by machine_facts. bf16 is fast where the
     hardware multiplies it natively: GPUs from compute capability 8.0 (older ones emulate it, no faster) and
     CPUs with AMX and AVX-512 (measured 1.7-2.4x fp32; without AMX 0.05-0.9x: README, speed). fp16 needs a
-    GradScaler (below) and is fast on every CUDA GPU. MPS: fp32, as nothing else was measured there."""
-    fast_bf16 = {'cuda': (facts['cuda_capability'] or (0, 0)) >= (8, 0),
-                 'cpu': facts['amx'] and facts['cpu_isa'].startswith('AVX512'), 'mps': False}[facts['device']]
-    best = 'bf16' if fast_bf16 else 'fp16' if facts['device'] == 'cuda' else 'fp32'
+    GradScaler (Amp) and is fast on every CUDA GPU. MPS: fp32, as nothing else was measured there."""
+    device, capability = facts['device'], facts['cuda_capability'] or (0, 0)
+    fast_bf16 = capability >= (8, 0) if device == 'cuda' else device == 'cpu' and facts['amx'] and \
+        facts['cpu_isa'].startswith('AVX512')
+    best = 'bf16' if fast_bf16 else 'fp16' if device == 'cuda' else 'fp32'
     if asked == 'auto':
         return best, 'auto'
-    slow = (asked == 'bf16' and not fast_bf16 and facts['device'] != 'mps') or (asked == 'fp16' and facts['device'] == 'cpu')
-    return asked, (f'asked; likely slower than {best} on this {facts["device"]}' if slow else 'asked')
+    slow = asked == 'bf16' and not fast_bf16 and device != 'mps' or asked == 'fp16' and device == 'cpu'
+    return asked, f'asked; likely slower than {best} on this {device}' if slow else 'asked'
 
 
 RAN_ON = {}  # where this run ran, as resolved: metrics.json records it beside the options as given
@@ -208,6 +215,9 @@ def pick_device(args):
     device = torch.device(args.device if args.device != 'auto' else next(d for d, ok in available.items() if ok))
     facts = machine_facts(device)
     precision, why = choose_precision(args.precision, facts) if 'precision' in args else ('fp32', 'always here')
+    if getattr(args, 'compile', False) and device.type == 'cpu' and not any(
+            shutil.which(c) for c in (os.environ.get('CXX', 'g++'), 'c++', 'clang++', 'cl')):
+        fail('--compile needs a C++ compiler on the CPU, and none was found; run without --compile')
     torch.backends.cudnn.benchmark = device.type == 'cuda'  # the fastest convolution for these fixed shapes
     where = (torch.cuda.get_device_name(device) + ', compute capability %d.%d' % facts['cuda_capability']
              if device.type == 'cuda' else f'{facts["cpu_isa"]}, {"" if facts["amx"] else "no "}AMX')
@@ -241,14 +251,16 @@ class Amp:
         self.scaler.update()
 
 
-def synchronize(device):
-    """Wait for the device's queued work: a timing on CUDA or MPS otherwise measures only the queueing."""
-    if device.type in ('cuda', 'mps'):
-        getattr(torch, device.type).synchronize()
+def _device_rng(device, state=None):
+    """{device: random stream} of a CUDA or MPS device ({} on the CPU, whose stream is saved apart); with
+    `state`, set that stream instead."""
+    module = getattr(torch, device.type) if device.type in ('cuda', 'mps') else None
+    if module and state is not None:
+        module.set_rng_state(state)
+    return {device.type: module.get_rng_state()} if module else {}
 
 
 # ---------------------------------------------------------------------------------------------------- the run
-
 
 def _missing_folders(path):
     """The folders that making `path` would create, innermost first."""
@@ -274,8 +286,7 @@ def _read_checkpoint(path, quiet=False):
     if not os.path.exists(path):
         return None
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-        why = 'is not a checkpoint of these scripts'
+        ckpt, why = torch.load(path, map_location='cpu', weights_only=True), 'is not a checkpoint of these scripts'
     except Exception as e:
         ckpt, why = None, f'is damaged or not a file ({type(e).__name__})'
     if isinstance(ckpt, dict) and _KEYS <= set(ckpt) and isinstance(ckpt['config'], dict) and \
@@ -311,25 +322,21 @@ def shell_command(words):
 
 def _interrupted(args, script, argv, path):
     """The Ctrl-C handler: one line naming the epoch really on disk (read back, so also right when Ctrl-C lands
-    during the checkpoint write) and the command that goes on from it; exit status 130."""
-    if args.out in _REPLACING:  # --overwrite before its first checkpoint: the old run is still all there
-        print(f'\ninterrupted before the first epoch ended; the run in {args.out} is kept as it was', file=sys.stderr)
-        raise SystemExit(130)
-    epoch = (_read_checkpoint(path, quiet=True) or {}).get('epoch')
+    during the checkpoint write) and the command that goes on from it; exit status 130. A second Ctrl-C
+    while it writes that line is ignored."""
+    previous_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    epoch = None if args.out in _REPLACING else (_read_checkpoint(path, quiet=True) or {}).get('epoch')
     flag = '--resume' if epoch is not None and epoch < args.epochs and not args.sample_only else '--sample-only'
     kept = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ('--resume', '--overwrite', '--sample-only')]
     command = shell_command([sys.executable, sys.argv[0] if sys.argv[0].endswith(f'{script}.py') else f'{script}.py']
                             + kept + [flag])
     then = 'Continue' if flag == '--resume' else 'Redo the metrics and pictures'
-    print(('\n' if sys.stdout.isatty() else '') + (f'interrupted; {path} holds epoch {epoch} of {args.epochs}. '
-          f'{then} with: {command}' if epoch is not None else 'interrupted before the first epoch ended; nothing '
-          'was saved'), file=sys.stderr)
+    print(('\n' if sys.stdout.isatty() else '') + (
+        f'interrupted before the first epoch ended; the run in {args.out} is kept as it was' if args.out in _REPLACING
+        else f'interrupted; {path} holds epoch {epoch} of {args.epochs}. {then} with: {command}' if epoch is not None
+        else 'interrupted before the first epoch ended; nothing was saved'), file=sys.stderr, flush=True)
+    signal.signal(signal.SIGINT, previous_handler)
     raise SystemExit(130)
-
-
-def _as_option(key, value):
-    """How to ask for `value` of option `key` on the command line."""
-    return f'--{key.replace("_", "-")} {value}' if value is not None else f'no --{key.replace("_", "-")}'
 
 
 @contextlib.contextmanager
@@ -366,9 +373,9 @@ def claim_out(args, script, argv, fixed=()):
     except KeyboardInterrupt:
         _interrupted(args, script, argv, path)
     except (MemoryError, RuntimeError) as e:
-        if not isinstance(e, MemoryError) and 'alloc' not in str(e):
+        if not isinstance(e, MemoryError) and not re.search('alloc|size calculation overflowed', str(e)):
             raise
-        asked = [f' ({int(n) / 2**30:.1f} GiB asked for at once)' for n in re.findall(r'allocate (\d+) bytes', str(e))]
+        asked = [f' ({int(n) / 2**20:,.0f} MiB at once)' for n in re.findall(r'allocate (\d+) bytes', str(e))]
         fail(f'out of memory{asked[0] if asked else ""}: use smaller sizes or --batch-size')
     finally:
         _REPLACING.pop(args.out, None)
@@ -394,14 +401,16 @@ def _previous_run(args, script, path, fixed):
              + shell_command(['python', f'{script}.py', '--dataset', args.dataset] + data_dir + ['--out', args.out]))
     for key in ('dataset',) + tuple(fixed) if previous and again else ():
         was, now = previous['config'].get(key, previous.get(key)), getattr(args, key)
-        if was != now and key.endswith('_sha256'):  # the hash of the file that option --<name> reads
-            name = key[:-len('_sha256')]
-            fail(f'{path} was trained on {_as_option(name, previous["config"].get(name))} (sha256 {was}), and this '
-                 f'run reads {getattr(args, name)} ({"sha256 " + now if now else "no such file"}). Pass '
-                 f'{_as_option(name, previous["config"].get(name))}, or use another --out')
+        name = key[:-len('_sha256')] if key.endswith('_sha256') else key  # <name>_sha256: the file --<name> reads
+        option, old = '--' + name.replace('_', '-'), previous['config'].get(name)
+        said = f'{option} {shell_command([str(old)])}' if old is not None else f'no {option}'
+        if was != now and name != key:
+            fail(f'{path} was trained on {said} (sha256 {was}), and this run reads {getattr(args, name)} '
+                 f'({"sha256 " + now if now else "no such file"}). Pass {said}, or use another --out')
         if was != now:
-            fail(f'{path} was trained with {_as_option(key, was)}, and this run has {_as_option(key, now)}: a '
-                 f'resumed run keeps its model and objective. Pass {_as_option(key, was)}, or use another --out')
+            has = f'{option} {now}' if now is not None else f'no {option}'
+            fail(f'{path} was trained with {said}, and this run has {has}: a resumed run keeps its model and '
+                 f'objective. Pass {said}, or use another --out')
     if args.resume and args.epochs < previous['epoch']:
         fail(f'--resume: {path} has trained {previous["epoch"]} epochs, more than --epochs {args.epochs}; pass '
              f'--epochs {previous["epoch"]} or more, or use --sample-only')
@@ -420,23 +429,13 @@ def _files_of_run(out, previous):
                                                   if isinstance(p, str) and p.endswith('.png')]
 
 
-def _device_rng(device, state=None):
-    """The random stream of a CUDA or MPS device (set to `state` if given); {} on the CPU, which has one."""
-    if device.type not in ('cuda', 'mps'):
-        return {}
-    if state is not None:
-        return getattr(torch, device.type).set_rng_state(state)
-    return {device.type: getattr(torch, device.type).get_rng_state()}
-
-
 def restore(previous, args, model, optimizer, amp=None):
     """The run's state: new, or continued from `previous` (--resume, --sample-only). --seed, --lr and
-    --batch-size may change on --resume; each resumed run starts a new segment of the history."""
+    --batch-size may change on --resume; each resumed run that trains starts a new segment of the history."""
     segment = {'from_epoch': 1, 'seed': args.seed, 'lr': args.lr, 'batch_size': args.batch_size}
     if previous is None:  # run_id: what proves that a metrics.json belongs to this checkpoint (--overwrite)
         return {'epoch': 0, 'history': {'train': {}, 'test': {}}, 'train_seconds': 0.0, 'train_examples': 0,
                 'segments': [segment], 'run_id': os.urandom(8).hex()}
-    device = next(model.parameters()).device
     try:
         model.load_state_dict(previous['model'])
         optimizer.load_state_dict(previous['optimizer'])
@@ -444,8 +443,8 @@ def restore(previous, args, model, optimizer, amp=None):
             amp.scaler.load_state_dict(previous['scaler'])
         if args.seed == previous['config']['seed']:  # the same streams go on; a new seed starts new ones
             torch.set_rng_state(previous['rng'])
-            if device.type in previous.get('device_rng', {}):
-                _device_rng(device, previous['device_rng'][device.type])
+            device = next(model.parameters()).device
+            _device_rng(device, previous.get('device_rng', {}).get(device.type))
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
         fail(f'{args.out}/model.pt does not fit this model ({str(e).splitlines()[0][:200]}); move it away, '
              f'or use another --out')
@@ -455,7 +454,7 @@ def restore(previous, args, model, optimizer, amp=None):
     state['run_id'] = previous.get('run_id') or os.urandom(8).hex()
     if args.sample_only:
         args.epochs = state['epoch']  # no training: the run is as long as what was trained
-    else:
+    elif state['epoch'] < args.epochs:
         state['segments'].append({**segment, 'from_epoch': state['epoch'] + 1})
     return state
 
@@ -506,18 +505,22 @@ def save_checkpoint(model, optimizer, args, script, state, amp=None, **extra):
             os.remove(old)
 
 
-def check_finite(train_logs, test, epoch, args, state, hint=''):
-    """Stop when the loss became NaN or infinite, or exploded (a batch 10,000 times the run's first, which
-    no run that learns comes near), saying what is on disk and what to try."""
+def check_finite(train_logs, test, epoch, args, state, hint='', worst=None):
+    """Stop when the loss became NaN or infinite, exploded (a batch 10,000 times the run's first, which no run
+    that learns comes near), or a test number is above `worst` ({name: value}: what a model no better than
+    the most naive one scores, e.g. the worst prediction inside the pixels' range), saying what is on disk
+    and what to try."""
     values = torch.stack([v.float().cpu() for v in train_logs.values()])  # (terms, batches)
     loss, first = values[0], (state['history']['train'].get(next(iter(train_logs))) or [values[0, 0].item()])[0]
     bad = ~torch.isfinite(values).all(0) | (loss.abs() > 1e4 * max(abs(first), 1.0))  # (batches,)
-    if bad.any() or not all(math.isfinite(v) for v in test.values()):
-        where = f'batch {int(bad.nonzero()[0]) + 1}' if bad.any() else 'the test set'
+    above = [f'test {k} {test[k]:.4g} is worse than {v:.4g}, {why}' for k, (v, why) in (worst or {}).items()
+             if test[k] > v]
+    if bad.any() or not all(math.isfinite(v) for v in test.values()) or above:
+        where = f'batch {int(bad.nonzero()[0]) + 1}' if bad.any() else above[0] if above else 'the test set'
         kept = ('no checkpoint was written' if epoch == 1 else
                 f'{args.out}/model.pt keeps epoch {epoch - 1}, the last good one (continue it with --resume)')
-        fail(f'the loss diverged (NaN, infinite, or 10,000 times its start) in epoch {epoch}, {where}; {kept}. '
-             f'Try a smaller --lr (now {args.lr}){hint}')
+        fail(f'the loss diverged (NaN, infinite, 10,000 times its start, or worse than a naive model) in epoch '
+             f'{epoch}, {where}; {kept}. Try a smaller --lr (now {args.lr}){hint}')
 
 
 def batches(x, batch_size, shuffle, progress=None):
@@ -537,8 +540,7 @@ def batches(x, batch_size, shuffle, progress=None):
 
 
 def clear_line():
-    """On a terminal, what wipes the progress line: spaces, which every console shows as such (an ANSI
-    erase code is printed as text by the legacy Windows console)."""
+    """On a terminal, what wipes the progress line: spaces (the legacy Windows console prints ANSI codes)."""
     return '\r' + ' ' * (shutil.get_terminal_size().columns - 1) + '\r' if sys.stdout.isatty() else ''
 
 
@@ -554,14 +556,14 @@ def print_epoch(state, epochs, test, seconds):
 
 
 def write_metrics(args, script, state, final, **extra):
-    """metrics.json (final test numbers, history, segments, speed, the pictures written) and curves.png.
-    A number that is not finite is written as null: strict JSON has no NaN or Infinity."""
+    """metrics.json (final test numbers, history, segments, speed, where it ran, the pictures written) and
+    curves.png. A number that is not finite is written as null: strict JSON has no NaN or Infinity."""
     plot_curves(os.path.join(args.out, 'curves.png'), state['history'], state['epoch'], f'{script} on {args.dataset}')
-    metrics = {'script': script, 'dataset': args.dataset, 'config': vars(args), 'epochs_trained': state['epoch'],
-               'final_test': final, 'test_history': state['history']['test'], 'segments': state['segments'],
-               'train_seconds': round(state['train_seconds'], 2),
+    metrics = {'script': script, 'dataset': args.dataset, 'config': vars(args), 'ran_on': dict(RAN_ON),
+               'epochs_trained': state['epoch'], 'final_test': final, 'test_history': state['history']['test'],
+               'segments': state['segments'], 'train_seconds': round(state['train_seconds'], 2),
                'train_examples_per_s': round(state['train_examples'] / max(state['train_seconds'], 1e-9), 1),
-               'pictures': sorted(set(_PICTURES)), 'run_id': state['run_id'], 'ran_on': dict(RAN_ON), **extra}
+               'pictures': sorted(set(_PICTURES)), 'run_id': state['run_id'], **extra}
     path = os.path.join(args.out, 'metrics.json')
     strict = json.loads(json.dumps(metrics), parse_constant=lambda name: None)  # NaN, Infinity -> null
     with _writing(path, f'{args.out}/model.pt holds the trained model: redo this with --sample-only'):
@@ -573,7 +575,6 @@ def write_metrics(args, script, state, final, **extra):
 
 
 # ---------------------------------------------------------------------------------------------------- pictures
-
 
 def image_grid(path, images, nrow, title=None):
     """images: (N, C, H, W) in [-1, 1] -> one PNG, nrow images per row, 2-pixel white borders."""

@@ -208,7 +208,8 @@ def load_vqvae(args, device):
         common.fail(f'{args.vqvae} is not a VQ-VAE checkpoint of vqvae.py ({type(e).__name__}: '
                     f'{str(e).splitlines()[0][:120] if str(e) else ""})')
     if script != 'vqvae':
-        common.fail(f'{args.vqvae} was written by {script}.py, not vqvae.py')
+        common.fail(f'{args.vqvae} was written by {f"{script}.py" if isinstance(script, str) else "no script of ours"}'
+                    f', not vqvae.py')
     if cfg['dataset'] != args.dataset:
         common.fail(f'{args.vqvae} is a VQ-VAE of {cfg["dataset"]}, not {args.dataset}')
     return model.eval(), cfg
@@ -238,6 +239,10 @@ def nll_per_grid(prior, codes):
 def loss_terms(prior, codes):
     nll = nll_per_grid(prior, codes) / codes[0].numel()  # nats per code
     return {'nll': nll.mean(), 'bits_per_code': nll.mean() / math.log(2)}
+
+
+def WORST(num_codes):  # an untrained prior scores about log K, a uniform guess; twice that is no model at all
+    return {'nll': (2 * math.log(num_codes), f'twice a uniform guess over {num_codes} codes')}
 
 
 def train_epoch(prior, optimizer, amp, codes, args, progress):
@@ -304,7 +309,7 @@ def main(argv=None):
             train_logs = train_epoch(prior, optimizer, amp, train_codes, args, (epoch, args.epochs))
             seconds = time.time() - start
             test = evaluate(prior, test_codes, args)
-            common.check_finite(train_logs, test, epoch, args, state)
+            common.check_finite(train_logs, test, epoch, args, state, worst=WORST(args.num_codes))
             common.record(state, train_logs, test, seconds, len(train_codes))
             common.save_checkpoint(prior, optimizer, args, 'pixelcnn_prior', state, amp)
             common.print_epoch(state, args.epochs, test, seconds)
@@ -325,7 +330,8 @@ def main(argv=None):
         codes = sample(prior, 100, test_codes.shape[1:], args.temperature, device)
         with torch.no_grad():
             images = vq.decoder(vq.lookup(codes))
-        common.synchronize(device)  # the GPU's queued work done: else this times the queueing only
+        if device.type != 'cpu':  # wait for the GPU's queued work: else this times the queueing only
+            getattr(torch, device.type).synchronize()
         sample_seconds = time.time() - start
         common.image_grid(f'{args.out}/samples.png', images, 10, f'{title}: 100 samples at T = {args.temperature}')
         rows = []

@@ -779,7 +779,8 @@ def test_restarts_never_follow_an_epochs_last_step(monkeypatch):
     monkeypatch.setattr(vqvae, 'restart_dead_codes', lambda *a: calls.append(1) or real(*a))
     model = vqvae.VQVAE(3, num_codes=8, code_dim=8)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    args = vqvae.parse_args(['--batch-size', '4', '--num-codes', '8', '--restart-below', '1e9'])  # every code dead
+    args = vqvae.parse_args(['--batch-size', '4', '--num-codes', '8'])
+    args.restart_below = 1e9  # every code dead (parse_args refuses it: every code would restart every step)
     logs = vqvae.train_epoch(model, optimizer, FP32, torch.rand(10, 3, 32, 32) * 2 - 1, args, (1, 1))
     assert len(calls) == 2 and logs['restarts'].tolist() == [8, 0, 0]  # batches of 4, 4, 2: none after the last
 
@@ -998,6 +999,8 @@ def test_data_zip_loader(tmp_path):
     assert x[0, :, 0, 0].tolist() == pytest.approx([-1.0, 1.0, 128 / 127.5 - 1], abs=1e-6)
     assert (y == 1).all() and x.min() >= -1
     write_pkl(tmp_path / 'mnist.pkl', np.full((2, 28, 28), 255, np.uint8), np.zeros((1, 28, 28), np.uint8))
+    refused(lambda d: common.load_images('mnist', d), str(tmp_path), "'test' holds 1 images")  # no variance of one
+    write_pkl(tmp_path / 'mnist.pkl', np.full((2, 28, 28), 255, np.uint8), np.zeros((2, 28, 28), np.uint8))
     x, _ = common.load_images('mnist', str(tmp_path))
     assert x.shape == (2, 1, 32, 32)
     assert (x[:, :, 2:30, 2:30] == 1).all() and (x[:, :, :2] == -1).all()  # zero-padded to 32x32
@@ -1562,6 +1565,35 @@ def test_resume_refuses_a_changed_objective_and_records_segments(image_dir, tmp_
                              {'from_epoch': 2, 'seed': 3, 'lr': 1e-4, 'batch_size': 32}]
 
 
+@pytest.mark.parametrize('script', ['vqvae', 'prior', 'vae_image'])
+def test_a_test_number_no_model_can_reach_stops_as_diverged(script, image_dir, tmp_path, monkeypatch):
+    """A run whose test number is worse than a naive model's (the prior above twice a uniform guess; a VQ-VAE's
+    recon above 4, every pixel off by the whole range; the VAE's recon likewise) stops as a NaN does, in
+    whichever epoch, though every number is finite (as --lr 0.3 and 0.03 once did)."""
+    data = ['--dataset', 'cifar10', '--data-dir', image_dir, '--epochs', '2', '--batch-size', '32']
+    if script == 'vae_image':
+        real, key, main, argv = vae_image.evaluate, 'recon', vae_image.main, data + ['--iw-samples', '2']
+    else:
+        vqvae.main(data + ['--epochs', '1', '--num-codes', '8', '--code-dim', '16', '--out', str(tmp_path / 'vq')])
+        real, key, main = (vqvae.evaluate, 'recon_mse', vqvae.main) if script == 'vqvae' else \
+            (pixelcnn_prior.evaluate, 'nll', pixelcnn_prior.main)
+        argv = data + (['--num-codes', '8', '--code-dim', '16'] if script == 'vqvae' else
+                       ['--vqvae', str(tmp_path / 'vq' / 'model.pt'), '--hidden', '8', '--layers', '2'])
+    worse = {'recon_mse': 4.01, 'nll': 2 * math.log(8) + 0.01, 'recon': 3072 / 2 * math.log(2 * math.pi) + 6145}[key]
+    calls = []
+
+    def evaluate(*a):
+        result = real(*a)
+        calls.append(1)
+        first = result[0] if isinstance(result, tuple) else result
+        first[key] = worse if len(calls) == 2 else first[key]  # the second epoch's test set
+        return result
+    monkeypatch.setattr({'vqvae': vqvae, 'prior': pixelcnn_prior, 'vae_image': vae_image}[script], 'evaluate', evaluate)
+    refused(main, argv + ['--out', str(tmp_path / 'run')], 'diverged', 'in epoch 2', f'test {key} ',
+            'is worse than', 'keeps epoch 1')
+    assert torch.load(tmp_path / 'run' / 'model.pt', weights_only=True)['epoch'] == 1
+
+
 def test_messages_that_say_what_to_do(image_dir, tmp_path):
     out = tmp_path / 'run'
     vae_2d.main(TWO_EPOCHS + ['--out', str(out)])
@@ -1605,7 +1637,12 @@ def refused(main, argv, *words):
                                        (vqvae, ['--restart-below', 'nan']), (vlae, ['--log-sigma-bound', 'nan']),
                                        (vlae, ['--log-sigma-bound', '1e300']), (vlae, ['--log-sigma-bound', '-1']),
                                        (vae_image, ['--decoder-std', 'inf']), (vae_image, ['--decoder-std', '1e-30']),
-                                       (pixelcnn_prior, ['--temperature', 'inf']), (pixelcnn_prior, ['--decoder-std', '0'])])
+                                       (pixelcnn_prior, ['--temperature', 'inf']), (pixelcnn_prior, ['--decoder-std', '0']),
+                                       (vae_2d, ['--lr', '1e38']), (vqvae, ['--batch-size', str(2**63)]),
+                                       (vae_2d, ['--hidden', str(2**63)]), (vae_image, ['--latent-dim', str(2**63)]),
+                                       (vqvae, ['--num-codes', str(2**63)]), (vqvae, ['--code-dim', str(2**63)]),
+                                       (vlae, ['--made-hidden', str(2**63)]), (vqvae, ['--beta', '1e300']),
+                                       (vqvae, ['--restart-below', '1e38']), (pixelcnn_prior, ['--hidden', str(2**63)])])
 def test_bad_options_exit_2(main, bad, capsys):
     with pytest.raises(SystemExit) as e:
         main.main(bad + ['--out', '/nonexistent/never/made'])

@@ -156,7 +156,8 @@ def main(argv=None):
             train_logs = vae_image.train_epoch(model, optimizer, amp, train_x, args, (epoch, args.epochs), train_loss)
             seconds = time.time() - start
             test = vae_image.evaluate(model, test_x, args, loss_terms)
-            common.check_finite(train_logs, test, epoch, args, state, hint=vae_image.NAN_HINT)
+            common.check_finite(train_logs, test, epoch, args, state, vae_image.NAN_HINT,
+                                vae_image.worst(args.decoder_std, test_x[0].numel()))
             common.record(state, train_logs, test, seconds, len(train_x))
             common.save_checkpoint(model, optimizer, args, 'vlae', state, amp)
             common.print_epoch(state, args.epochs, test, seconds)

@@ -103,6 +103,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.ema_decay < 1:
         p.error(f'argument --ema-decay: must be between 0 and 1, got {args.ema_decay}')
+    even = args.batch_size * 64 / args.num_codes  # outputs per code a batch if all codes were used equally
+    if args.restart_below > even:
+        p.error(f'argument --restart-below: {args.restart_below:g} is above the {even:g} outputs a code gets when all '
+                f'{args.num_codes} are used equally at --batch-size {args.batch_size}: every code would restart')
     return args
 
 
@@ -263,6 +267,9 @@ def restart_dead_codes(model, z_e, optimizer, threshold, noise=0.01):
 
 # ---------------------------------------------------------------------------------------------- train
 
+WORST = {'recon_mse': (4.0, 'the error of the worst prediction inside [-1, 1]')}  # no reconstruction worse exists
+
+
 def train_epoch(model, optimizer, amp, x, args, progress, loss_fn=loss_terms):
     """One pass over x in the run's precision (common.Amp). After each optimizer step: the moving averages,
     then restarts (never on the epoch's last step). Returns {term: per-batch values}, restarts included."""
@@ -323,7 +330,7 @@ def main(argv=None):
             train_logs = train_epoch(model, optimizer, amp, train_x, args, (epoch, args.epochs), train_loss)
             seconds = time.time() - start
             test = evaluate(model, test_x, args)[0]
-            common.check_finite(train_logs, test, epoch, args, state)
+            common.check_finite(train_logs, test, epoch, args, state, worst=WORST)
             common.record(state, train_logs, test, seconds, len(train_x))
             common.save_checkpoint(model, optimizer, args, 'vqvae', state, amp, channels=train_x.shape[1])
             common.print_epoch(state, args.epochs, test, seconds)
