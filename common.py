@@ -24,6 +24,11 @@ import matplotlib
 matplotlib.use('Agg')  # files only: works on servers and in CI, never opens a window
 import matplotlib.pyplot as plt  # noqa: E402
 
+if os.name == 'nt':  # the OS lock of claim_out
+    import msvcrt
+else:
+    import fcntl
+
 
 def fail(message):
     """Stop with one line on stderr and exit status 1 (argparse keeps status 2 for bad options)."""
@@ -66,8 +71,7 @@ def _from_pickle(path):
     except Exception as e:  # truncated, corrupt or hostile: all end the same way, in one line
         fail(f'{path} is not a readable data.zip pickle ({type(e).__name__}: {e})')
     if not isinstance(data, dict) or not {'train', 'test'} <= set(data):
-        fail(f"{path} must hold a dict with keys 'train' and 'test', got "
-             f"{sorted(data) if isinstance(data, dict) else type(data).__name__}")
+        fail(f"{path} must hold a dict with keys 'train' and 'test', got {sorted(data) if isinstance(data, dict) else data}")
     return data['train'], data['test']
 
 
@@ -125,16 +129,12 @@ def take_subset(train, test, subset):
 # ---------------------------------------------------------------------------------------------------- options
 
 def positive(kind, high=None, low=0, or_zero=False):
-    """An argparse type: a number above `low` (from `low` on, with or_zero), at most `high`, which defaults
-    to what the tensors hold: float32's largest number, or 2^31 - 1 for sizes and counts."""
-    high = (3.4e38 if kind is float else 2**31 - 1) if high is None else high
-
-    def parse(text):
-        value = kind(text)
-        if not (math.isfinite(value) and (value >= low if or_zero else value > low) and value <= high):
-            wanted = f'at least {low:g}' if or_zero and low else 'zero or more' if or_zero else \
-                f'above {low:g}' if low else 'positive'
-            raise argparse.ArgumentTypeError(f'must be {wanted}, at most {high:,}, got {text}')
+    """An argparse type: a number above `low` (or from it, with or_zero), at most `high`: by default what a
+    tensor holds, float32's largest number, or 2^31 - 1 for sizes and counts."""
+    def parse(text, high=high or (3.4e38 if kind is float else 2**31 - 1)):
+        if not (math.isfinite(value := kind(text)) and (value >= low if or_zero else value > low) and value <= high):
+            raise argparse.ArgumentTypeError(f'must be {"at least" if or_zero else "above"} {low:g}, at most {high:,}, '
+                                             f'got {text}')
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
@@ -183,7 +183,7 @@ def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, pre
 def machine_facts(device):
     """What the precision depends on: a CUDA GPU's compute capability; the CPU's vector instructions as torch
     uses them (ATEN_CPU_CAPABILITY can lower them) and its AMX tiles (ONEDNN_MAX_CPU_ISA can hide them)."""
-    isa = os.environ.get('ONEDNN_MAX_CPU_ISA', os.environ.get('DNNL_MAX_CPU_ISA', 'ALL')).upper()
+    isa = os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL').upper()
     return {'device': device.type, 'cpu_isa': torch.backends.cpu.get_cpu_capability(),
             'amx': getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)() and ('AMX' in isa or isa == 'ALL'),
             'cuda_capability': torch.cuda.get_device_capability(device) if device.type == 'cuda' else None}
@@ -194,14 +194,13 @@ def choose_precision(asked, facts):
     hardware multiplies it natively: GPUs from compute capability 8.0 (older ones emulate it, no faster) and
     CPUs with AMX and AVX-512 (measured 1.7-2.4x fp32; without AMX 0.05-0.9x: README, speed). fp16 needs a
     GradScaler (Amp) and is fast on every CUDA GPU. MPS: fp32, as nothing else was measured there."""
-    device, capability = facts['device'], facts['cuda_capability'] or (0, 0)
-    fast_bf16 = capability >= (8, 0) if device == 'cuda' else device == 'cpu' and facts['amx'] and \
-        facts['cpu_isa'].startswith('AVX512')
+    device = facts['device']
+    fast_bf16 = facts['cuda_capability'] >= (8, 0) if device == 'cuda' else \
+        device == 'cpu' and facts['amx'] and facts['cpu_isa'].startswith('AVX512')
     best = 'bf16' if fast_bf16 else 'fp16' if device == 'cuda' else 'fp32'
-    if asked == 'auto':
-        return best, 'auto'
     slow = asked == 'bf16' and not fast_bf16 and device != 'mps' or asked == 'fp16' and device == 'cpu'
-    return asked, f'asked; likely slower than {best} on this {device}' if slow else 'asked'
+    return (best, 'auto') if asked == 'auto' else (asked, f'asked; likely slower than {best} on this {device}'
+                                                   if slow else 'asked')
 
 
 RAN_ON = {}  # where this run ran, as resolved: metrics.json records it beside the options as given
@@ -221,7 +220,6 @@ def pick_device(args):
     torch.backends.cudnn.benchmark = device.type == 'cuda'  # the fastest convolution for these fixed shapes
     where = (torch.cuda.get_device_name(device) + ', compute capability %d.%d' % facts['cuda_capability']
              if device.type == 'cuda' else f'{facts["cpu_isa"]}, {"" if facts["amx"] else "no "}AMX')
-    RAN_ON.clear()
     RAN_ON.update(device=device.type, precision=precision, threads=torch.get_num_threads(), torch=torch.__version__)
     print(f'running on {device.type} ({where}) in {precision} ({why}), {RAN_ON["threads"]} CPU threads', flush=True)
     return device, precision
@@ -234,12 +232,11 @@ class Amp:
     a large factor before backward and divides the gradients back before clipping and the step; it skips a
     step whose gradients overflowed and halves the factor. bf16 has fp32's range and needs none."""
     def __init__(self, device, precision):
-        self.device, self.precision = device, precision
+        self.device, self.dtype = device, {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == 'fp16')
 
     def autocast(self):  # fp32: no autocast at all, so nothing depends on the device's autocast support
-        dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(self.precision)
-        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
 
     def step(self, loss, optimizer, clip=0.0):
         optimizer.zero_grad(set_to_none=True)
@@ -252,8 +249,7 @@ class Amp:
 
 
 def _device_rng(device, state=None):
-    """{device: random stream} of a CUDA or MPS device ({} on the CPU, whose stream is saved apart); with
-    `state`, set that stream instead."""
+    """{device: random stream} of a CUDA or MPS device, {} on the CPU (saved apart); set to `state` if given."""
     module = getattr(torch, device.type) if device.type in ('cuda', 'mps') else None
     if module and state is not None:
         module.set_rng_state(state)
@@ -264,10 +260,8 @@ def _device_rng(device, state=None):
 
 def _missing_folders(path):
     """The folders that making `path` would create, innermost first."""
-    created, folder = [], os.path.abspath(path)
-    while not os.path.exists(folder):
-        created, folder = created + [folder], os.path.dirname(folder)
-    return created
+    folder = os.path.abspath(path)
+    return [] if os.path.exists(folder) else [folder] + _missing_folders(os.path.dirname(folder))
 
 
 def _remove_empty(folders):
@@ -298,17 +292,14 @@ def _read_checkpoint(path, quiet=False):
 
 
 def _lock(folder):
-    """An exclusive OS lock on folder/.lock (fcntl on Linux and macOS, msvcrt on Windows), or None while another
-    process holds it. The system drops it when its process ends, however it ends (kill -9, a closed window), so
-    no dead run's lock is ever left. The file stays: deleting it would let a process lock a file that is gone."""
+    """An exclusive OS lock on folder/.lock, or None while another process holds it. The system drops it when
+    its process ends, however it ends (kill -9, a closed window): no dead run's lock is ever left. The file
+    stays: deleting it would let a second process lock a file no longer in the folder."""
     f = open(os.path.join(folder, '.lock'), 'a+')
     try:
         if os.name == 'nt':
-            import msvcrt
-            f.seek(0)
-            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)  # byte 0 (Windows locks bytes past the end too)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)  # byte 0, which Windows locks even past the end
         else:
-            import fcntl
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return f
     except OSError:
@@ -324,8 +315,8 @@ def _interrupted(args, script, argv, path):
     """The Ctrl-C handler: one line naming the epoch really on disk (read back, so also right when Ctrl-C lands
     during the checkpoint write) and the command that goes on from it; exit status 130. A second Ctrl-C
     while it writes that line is ignored."""
-    previous_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    epoch = None if args.out in _REPLACING else (_read_checkpoint(path, quiet=True) or {}).get('epoch')
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    epoch = (_read_checkpoint(path, quiet=True) or {}).get('epoch')
     flag = '--resume' if epoch is not None and epoch < args.epochs and not args.sample_only else '--sample-only'
     kept = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ('--resume', '--overwrite', '--sample-only')]
     command = shell_command([sys.executable, sys.argv[0] if sys.argv[0].endswith(f'{script}.py') else f'{script}.py']
@@ -335,7 +326,7 @@ def _interrupted(args, script, argv, path):
         f'interrupted before the first epoch ended; the run in {args.out} is kept as it was' if args.out in _REPLACING
         else f'interrupted; {path} holds epoch {epoch} of {args.epochs}. {then} with: {command}' if epoch is not None
         else 'interrupted before the first epoch ended; nothing was saved'), file=sys.stderr, flush=True)
-    signal.signal(signal.SIGINT, previous_handler)
+    signal.signal(signal.SIGINT, handler)
     raise SystemExit(130)
 
 
@@ -363,8 +354,7 @@ def claim_out(args, script, argv, fixed=()):
         previous = _previous_run(args, script, path, fixed)
         for name in os.listdir(args.out):  # temp files of a writer that was killed: we hold the lock now
             if re.fullmatch(r'model\.pt\.\d+\.tmp', name):
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(args.out, name))
+                os.remove(os.path.join(args.out, name))
         if args.overwrite and previous:  # the old run's own files: model.pt, metrics.json, its pictures
             _REPLACING[args.out] = [path] + _files_of_run(args.out, previous)
         _PICTURES.clear()
@@ -408,9 +398,9 @@ def _previous_run(args, script, path, fixed):
             fail(f'{path} was trained on {said} (sha256 {was}), and this run reads {getattr(args, name)} '
                  f'({"sha256 " + now if now else "no such file"}). Pass {said}, or use another --out')
         if was != now:
-            has = f'{option} {now}' if now is not None else f'no {option}'
-            fail(f'{path} was trained with {said}, and this run has {has}: a resumed run keeps its model and '
-                 f'objective. Pass {said}, or use another --out')
+            fail(f'{path} was trained with {said}, and this run has {f"{option} {now}" if now is not None else "no "}'
+                 f'{"" if now is not None else option}: a resumed run keeps its model and objective. Pass {said}, '
+                 f'or use another --out')
     if args.resume and args.epochs < previous['epoch']:
         fail(f'--resume: {path} has trained {previous["epoch"]} epochs, more than --epochs {args.epochs}; pass '
              f'--epochs {previous["epoch"]} or more, or use --sample-only')
@@ -492,14 +482,11 @@ def save_checkpoint(model, optimizer, args, script, state, amp=None, **extra):
         torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'config': vars(args),
                     'script': script, 'rng': torch.get_rng_state(), 'scaler': amp.scaler.state_dict() if amp else {},
                     'device_rng': _device_rng(next(model.parameters()).device), **state, **extra}, tmp)
-        for wait in (0.1, 0.5, 2, None):  # Windows refuses the rename while another program (an indexer, a sync
-            try:                          # client) has model.pt open: try again for a few seconds
-                os.replace(tmp, path)
+        for wait in (0.1, 0.5, 2, 0):  # Windows refuses the rename while another program (an indexer, a sync
+            with contextlib.suppress(PermissionError) if os.name == 'nt' and wait else contextlib.nullcontext():
+                os.replace(tmp, path)  # client) has model.pt open: try again for a few seconds, then report it
                 break
-            except PermissionError:
-                if os.name != 'nt' or wait is None:
-                    raise
-                time.sleep(wait)
+            time.sleep(wait)
     for old in _REPLACING.pop(args.out, [])[1:]:  # [0] was model.pt, replaced just now
         with contextlib.suppress(OSError):
             os.remove(old)
@@ -507,9 +494,8 @@ def save_checkpoint(model, optimizer, args, script, state, amp=None, **extra):
 
 def check_finite(train_logs, test, epoch, args, state, hint='', worst=None):
     """Stop when the loss became NaN or infinite, exploded (a batch 10,000 times the run's first, which no run
-    that learns comes near), or a test number is above `worst` ({name: value}: what a model no better than
-    the most naive one scores, e.g. the worst prediction inside the pixels' range), saying what is on disk
-    and what to try."""
+    that learns comes near), or a test number is above `worst` ({name: (value, what scores it)}: what a model
+    no better than the most naive one scores), saying what is on disk and what to try."""
     values = torch.stack([v.float().cpu() for v in train_logs.values()])  # (terms, batches)
     loss, first = values[0], (state['history']['train'].get(next(iter(train_logs))) or [values[0, 0].item()])[0]
     bad = ~torch.isfinite(values).all(0) | (loss.abs() > 1e4 * max(abs(first), 1.0))  # (batches,)
@@ -522,6 +508,8 @@ def check_finite(train_logs, test, epoch, args, state, hint='', worst=None):
         fail(f'the loss diverged (NaN, infinite, 10,000 times its start, or worse than a naive model) in epoch '
              f'{epoch}, {where}; {kept}. Try a smaller --lr (now {args.lr}){hint}')
 
+
+# ---------------------------------------------------------------------------------------------------- progress
 
 def batches(x, batch_size, shuffle, progress=None):
     """Batches of x for one pass, sliced by index from the tensor on its device, in a fresh random order

@@ -1094,6 +1094,7 @@ CPU_AVX2 = {'device': 'cpu', 'cpu_isa': 'AVX2', 'amx': False, 'cuda_capability':
     ({**CPU_AVX2, 'cpu_isa': 'DEFAULT'}, 'fp32'),                     # ARM
     ({**CPU_AVX2, 'device': 'mps'}, 'fp32'),                          # Apple Silicon
     ({**CPU_AVX2, 'device': 'cuda', 'cuda_capability': (7, 5)}, 'fp16'),  # T4 (Colab), RTX 20xx
+    ({'device': 'cuda', 'cpu_isa': 'AVX512', 'amx': True, 'cuda_capability': (7, 0)}, 'fp16'),  # the GPU decides
     ({**CPU_AVX2, 'device': 'cuda', 'cuda_capability': (7, 0)}, 'fp16'),  # V100
     ({**CPU_AVX2, 'device': 'cuda', 'cuda_capability': (8, 0)}, 'bf16'),  # A100
     ({**CPU_AVX2, 'device': 'cuda', 'cuda_capability': (8, 6)}, 'bf16'),  # RTX 30xx
