@@ -29,9 +29,7 @@ if os.name == 'nt':  # the OS lock of claim_out
 else:
     import fcntl
 
-
-def fail(message):
-    """Stop with one line on stderr and exit status 1 (argparse keeps status 2 for bad options)."""
+def fail(message):  # one line on stderr, exit status 1 (argparse keeps 2 for bad options)
     raise SystemExit(f'error: {message}')
 
 
@@ -41,7 +39,6 @@ GAUSSIANS_2D = {  # name: (mean, standard deviations along the two axes, rotated
     'gaussian1': ((1.0, 2.0), (5.0, 1.0), True), 'gaussian2': ((-1.0, 2.0), (1.0, 5.0), True),
     'diagonal1': ((1.0, 2.0), (5.0, 1.0), False), 'diagonal2': ((-1.0, 2.0), (1.0, 5.0), False)}
 IMAGE_CHANNELS = {'svhn': 3, 'cifar10': 3, 'mnist': 1}
-
 
 def load_2d(name, n_train=10_000, n_test=2_500, seed=0):
     """Float tensors (n_train, 2) and (n_test, 2); the fixed seed gives every run the same points."""
@@ -53,7 +50,6 @@ def load_2d(name, n_train=10_000, n_test=2_500, seed=0):
     x = torch.tensor(x + np.array(mean), dtype=torch.float32)
     return x[:n_train], x[n_train:]
 
-
 class _ArraysOnlyUnpickler(pickle.Unpickler):
     """Admits numpy arrays and plain containers only, so a hostile pickle cannot run code. (Protocol 2, the
     Python 2 one, spells an array's bytes as _codecs.encode(text, 'latin1'): harmless, so admitted too.)"""
@@ -63,7 +59,6 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f'it asks for {module}.{name}, which is not a numpy array')
 
-
 def _from_pickle(path):
     try:
         with open(path, 'rb') as f:
@@ -71,13 +66,12 @@ def _from_pickle(path):
     except Exception as e:  # truncated, corrupt or hostile: all end the same way, in one line
         fail(f'{path} is not a readable data.zip pickle ({type(e).__name__}: {e})')
     if not isinstance(data, dict) or not {'train', 'test'} <= set(data):
-        fail(f"{path} must hold a dict with keys 'train' and 'test', got {sorted(data) if isinstance(data, dict) else data}")
+        fail(f"{path} must hold a dict with keys 'train' and 'test', got "
+             f"{sorted(data) if isinstance(data, dict) else type(data).__name__}")
     return data['train'], data['test']
 
-
 def _from_torchvision(name, data_dir):
-    """torchvision's copy (downloaded once) as uint8 (N, H, W[, C]) arrays; one line on failure, and the
-    empty folders the failed download made are removed."""
+    """torchvision's copy (downloaded once) as uint8 (N, H, W[, C]) arrays; a failure leaves no new folders."""
     if data_dir.endswith('.pkl'):
         fail(f'--data-dir is the folder that holds {name}.pkl, and {data_dir} does not exist')
     created, existed = _missing_folders(data_dir), {d for d, _, _ in os.walk(data_dir)}
@@ -92,7 +86,6 @@ def _from_torchvision(name, data_dir):
         fail(f'no {os.path.join(data_dir, name)}.pkl, and the torchvision download into {data_dir} failed '
              f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}). Put the course data.zip\'s '
              f'{name}.pkl into {data_dir}/ or run once with network access.')
-
 
 def load_images(name, data_dir):
     """(train, test) float tensors (N, C, 32, 32) in [-1, 1] on the CPU, from <data-dir>/<name>.pkl in the
@@ -116,7 +109,6 @@ def load_images(name, data_dir):
         tensors.append(torch.nn.functional.pad(x, [(32 - size) // 2] * 4).float() / 127.5 - 1.0)
     return tensors
 
-
 def take_subset(train, test, subset):
     """--subset N: the first N training and the first N // 5 test examples (at least 2, for a variance)."""
     if subset and subset > len(train):
@@ -138,7 +130,6 @@ def positive(kind, high=None, low=0, or_zero=False):
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
-
 
 def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, precision=True, compile=False,
                 out='<dataset>'):
@@ -181,13 +172,12 @@ def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, pre
 # ---------------------------------------------------------------------------------------------------- device
 
 def machine_facts(device):
-    """What the precision depends on: a CUDA GPU's compute capability; the CPU's vector instructions as torch
-    uses them (ATEN_CPU_CAPABILITY can lower them) and its AMX tiles (ONEDNN_MAX_CPU_ISA can hide them)."""
+    """What the precision depends on: a GPU's compute capability, the CPU's vector instructions as torch uses
+    them (ATEN_CPU_CAPABILITY can lower them) and its AMX tiles (ONEDNN_MAX_CPU_ISA can hide them)."""
     isa = os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL').upper()
     return {'device': device.type, 'cpu_isa': torch.backends.cpu.get_cpu_capability(),
             'amx': getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)() and ('AMX' in isa or isa == 'ALL'),
             'cuda_capability': torch.cuda.get_device_capability(device) if device.type == 'cuda' else None}
-
 
 def choose_precision(asked, facts):
     """(precision, why) for --precision `asked` on a machine described by machine_facts. bf16 is fast where the
@@ -202,9 +192,7 @@ def choose_precision(asked, facts):
     return (best, 'auto') if asked == 'auto' else (asked, f'asked; likely slower than {best} on this {device}'
                                                    if slow else 'asked')
 
-
 RAN_ON = {}  # where this run ran, as resolved: metrics.json records it beside the options as given
-
 
 def pick_device(args):
     """The device and precision, said in one line at the start and recorded for metrics.json."""
@@ -224,13 +212,11 @@ def pick_device(args):
     print(f'running on {device.type} ({where}) in {precision} ({why}), {RAN_ON["threads"]} CPU threads', flush=True)
     return device, precision
 
-
 class Amp:
-    """The run's precision. `with amp.autocast():` runs the forward pass in it (fp32 leaves it alone);
-    amp.step(loss, optimizer, clip) is backward, clipping and the optimizer step. fp16's smallest number is
-    6e-8, and most of the VQ-VAE decoder's output gradients lie below it: a GradScaler multiplies the loss by
-    a large factor before backward and divides the gradients back before clipping and the step; it skips a
-    step whose gradients overflowed and halves the factor. bf16 has fp32's range and needs none."""
+    """The run's precision: `with amp.autocast():` runs the forward pass in it; amp.step(loss, optimizer, clip)
+    is backward, clipping and the step. fp16's smallest number is 6e-8, below most of the VQ-VAE decoder's output
+    gradients: a GradScaler multiplies the loss by a large factor and divides the gradients back before clipping
+    and the step (which it skips, halving the factor, if they overflowed). bf16 has fp32's range."""
     def __init__(self, device, precision):
         self.device, self.dtype = device, {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == 'fp16')
@@ -247,9 +233,7 @@ class Amp:
         self.scaler.step(optimizer)
         self.scaler.update()
 
-
-def _device_rng(device, state=None):
-    """{device: random stream} of a CUDA or MPS device, {} on the CPU (saved apart); set to `state` if given."""
+def _device_rng(device, state=None):  # {device: random stream} of CUDA or MPS ({} on the CPU); sets `state`
     module = getattr(torch, device.type) if device.type in ('cuda', 'mps') else None
     if module and state is not None:
         module.set_rng_state(state)
@@ -258,22 +242,18 @@ def _device_rng(device, state=None):
 
 # ---------------------------------------------------------------------------------------------------- the run
 
-def _missing_folders(path):
-    """The folders that making `path` would create, innermost first."""
+def _missing_folders(path):  # the folders that making `path` would create, innermost first
     folder = os.path.abspath(path)
     return [] if os.path.exists(folder) else [folder] + _missing_folders(os.path.dirname(folder))
 
-
-def _remove_empty(folders):
-    for folder in folders:  # innermost first; rmdir refuses a folder that holds anything
+def _remove_empty(folders):  # innermost first; rmdir refuses a folder that holds anything
+    for folder in folders:
         with contextlib.suppress(OSError):
             os.rmdir(folder)
-
 
 _KEYS = {'model', 'optimizer', 'config', 'script', 'epoch', 'rng', 'history', 'train_seconds', 'train_examples',
          'segments'}  # what save_checkpoint writes and restore reads
 _REPLACING = {}  # --out -> the old run's files that --overwrite removes once the new run's first checkpoint is in
-
 
 def _read_checkpoint(path, quiet=False):
     """The checkpoint at path, None if there is none; a damaged or foreign file stops the run (quiet: is None)."""
@@ -290,7 +270,6 @@ def _read_checkpoint(path, quiet=False):
     if not quiet:  # never replaced, not even by --overwrite: no run of ours wrote it
         fail(f'{path} {why}; move it away, or use another --out')
 
-
 def _lock(folder):
     """An exclusive OS lock on folder/.lock, or None while another process holds it. The system drops it when
     its process ends, however it ends (kill -9, a closed window): no dead run's lock is ever left. The file
@@ -305,11 +284,8 @@ def _lock(folder):
     except OSError:
         f.close()
 
-
-def shell_command(words):
-    """A command line the user's shell runs as it stands: cmd.exe's quoting on Windows, POSIX elsewhere."""
+def shell_command(words):  # a command line the user's shell runs as it stands: cmd.exe's quoting on Windows
     return subprocess.list2cmdline(words) if os.name == 'nt' else shlex.join(words)
-
 
 def _interrupted(args, script, argv, path):
     """The Ctrl-C handler: one line naming the epoch really on disk (read back, so also right when Ctrl-C lands
@@ -328,7 +304,6 @@ def _interrupted(args, script, argv, path):
         else 'interrupted before the first epoch ended; nothing was saved'), file=sys.stderr, flush=True)
     signal.signal(signal.SIGINT, handler)
     raise SystemExit(130)
-
 
 @contextlib.contextmanager
 def claim_out(args, script, argv, fixed=()):
@@ -376,7 +351,6 @@ def claim_out(args, script, argv, fixed=()):
             os.remove(os.path.join(args.out, '.lock'))
         _remove_empty(created)
 
-
 def _previous_run(args, script, path, fixed):
     """The checkpoint in --out, once every check that this run may use or replace it has passed."""
     previous, again = _read_checkpoint(path), args.resume or args.sample_only  # argparse allows one of the three
@@ -406,7 +380,6 @@ def _previous_run(args, script, path, fixed):
              f'--epochs {previous["epoch"]} or more, or use --sample-only')
     return previous
 
-
 def _files_of_run(out, previous):
     """metrics.json and the pictures it lists, when it names the checkpoint's run_id: what that run wrote."""
     try:
@@ -417,7 +390,6 @@ def _files_of_run(out, previous):
         return []  # no proof that it is this run's: left alone, as any file a run did not write
     return [os.path.join(out, 'metrics.json')] + [os.path.join(out, os.path.basename(p)) for p in metrics['pictures']
                                                   if isinstance(p, str) and p.endswith('.png')]
-
 
 def restore(previous, args, model, optimizer, amp=None):
     """The run's state: new, or continued from `previous` (--resume, --sample-only). --seed, --lr and
@@ -448,16 +420,13 @@ def restore(previous, args, model, optimizer, amp=None):
         state['segments'].append({**segment, 'from_epoch': state['epoch'] + 1})
     return state
 
-
-def record(state, train_logs, test, seconds, examples):
-    """Add one finished epoch to the state: per-batch train values, test values, time and examples."""
+def record(state, train_logs, test, seconds, examples):  # one finished epoch: train and test values, time
     for k, v in train_logs.items():
         state['history']['train'].setdefault(k, []).extend(v.tolist())
     for k, v in test.items():
         state['history']['test'].setdefault(k, []).append(v)
     state.update(epoch=state['epoch'] + 1, train_seconds=state['train_seconds'] + seconds,
                  train_examples=state['train_examples'] + examples)
-
 
 @contextlib.contextmanager
 def _writing(path, kept):
@@ -469,7 +438,6 @@ def _writing(path, kept):
             full = getattr(e, 'errno', None) == errno.ENOSPC or shutil.disk_usage(os.path.dirname(path)).free < 2**24
         reason = 'the disk is full' if full else getattr(e, 'strerror', None) or str(e).splitlines()[0][:120]
         fail(f'cannot write {path} ({reason}); {kept}')
-
 
 def save_checkpoint(model, optimizer, args, script, state, amp=None, **extra):
     """--out/model.pt, atomically: this process's own temp file, then one rename, so a crash or Ctrl-C
@@ -490,7 +458,6 @@ def save_checkpoint(model, optimizer, args, script, state, amp=None, **extra):
     for old in _REPLACING.pop(args.out, [])[1:]:  # [0] was model.pt, replaced just now
         with contextlib.suppress(OSError):
             os.remove(old)
-
 
 def check_finite(train_logs, test, epoch, args, state, hint='', worst=None):
     """Stop when the loss became NaN or infinite, exploded (a batch 10,000 times the run's first, which no run
@@ -526,22 +493,16 @@ def batches(x, batch_size, shuffle, progress=None):
                   end='', flush=True)
         yield x[chunk]
 
-
-def clear_line():
-    """On a terminal, what wipes the progress line: spaces (the legacy Windows console prints ANSI codes)."""
+def clear_line():  # on a terminal, spaces wipe the progress line (the legacy Windows console prints ANSI codes)
     return '\r' + ' ' * (shutil.get_terminal_size().columns - 1) + '\r' if sys.stdout.isatty() else ''
-
 
 def clock(seconds):
     return f'{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}'
 
-
-def print_epoch(state, epochs, test, seconds):
-    """One line per epoch (what a log file or CI sees), with the time the remaining epochs should take."""
+def print_epoch(state, epochs, test, seconds):  # one line an epoch (what a log sees), with the time left
     shown = '  '.join(f'{k} {v:.4g}' for k, v in list(test.items())[:4])
     left = f', about {clock(seconds * (epochs - state["epoch"]))} left' if state['epoch'] < epochs else ''
     print(f'{clear_line()}epoch {state["epoch"]}/{epochs}  test {shown}  ({seconds:.1f}s{left})', flush=True)
-
 
 def write_metrics(args, script, state, final, **extra):
     """metrics.json (final test numbers, history, segments, speed, where it ran, the pictures written) and
@@ -564,8 +525,7 @@ def write_metrics(args, script, state, final, **extra):
 
 # ---------------------------------------------------------------------------------------------------- pictures
 
-def image_grid(path, images, nrow, title=None):
-    """images: (N, C, H, W) in [-1, 1] -> one PNG, nrow images per row, 2-pixel white borders."""
+def image_grid(path, images, nrow, title=None):  # (N, C, H, W) in [-1, 1] -> one PNG, nrow a row, white borders
     grid = torchvision.utils.make_grid(images.detach().float().cpu().clamp(-1, 1).add(1).div(2), nrow, pad_value=1)
     fig = plt.figure(figsize=(grid.shape[2] / 40, grid.shape[1] / 40 + (0.4 if title else 0)))
     plt.imshow(grid.permute(1, 2, 0).numpy(), interpolation='nearest')  # (C, H, W) -> (H, W, C)
@@ -573,9 +533,7 @@ def image_grid(path, images, nrow, title=None):
     plt.title(title or '', fontsize=9)
     save_figure(fig, path, bbox_inches='tight')
 
-
-def plot_curves(path, history, epochs, title):
-    """One panel per loss term: per-batch train values and per-epoch test values against epochs."""
+def plot_curves(path, history, epochs, title):  # a panel a term: train values a batch, test values an epoch
     keys = list(history['test'])
     cols, rows = min(len(keys), 4), math.ceil(len(keys) / 4)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
@@ -593,7 +551,6 @@ def plot_curves(path, history, epochs, title):
     fig.suptitle(title, fontsize=10)
     save_figure(fig, path)
 
-
 def bar_chart(path, values, xlabel, ylabel, title):
     fig, ax = plt.subplots(figsize=(max(3.0, 0.25 * len(values)), 2.8))
     ax.bar(np.arange(len(values)), np.asarray(values, dtype=float))
@@ -601,9 +558,7 @@ def bar_chart(path, values, xlabel, ylabel, title):
     ax.set_title(title, fontsize=9)
     save_figure(fig, path)
 
-
 _PICTURES = []  # the pictures this run wrote: metrics.json lists them, so --overwrite removes only those
-
 
 def save_figure(fig, path, **kwargs):
     if 'bbox_inches' not in kwargs:

@@ -310,7 +310,8 @@ def main(argv=None):
             train_logs = train_epoch(model, optimizer, amp, train_x, args, (epoch, args.epochs), train_loss)
             seconds = time.time() - start
             test = evaluate(model, test_x, args)
-            common.check_finite(train_logs, test, epoch, args, state, NAN_HINT, worst(args.decoder_std, test_x[0].numel()))
+            common.check_finite(train_logs, test, epoch, args, state, NAN_HINT,
+                                worst(args.decoder_std, test_x[0].numel()))
             common.record(state, train_logs, test, seconds, len(train_x))
             common.save_checkpoint(model, optimizer, args, 'vae_image', state, amp)
             common.print_epoch(state, args.epochs, test, seconds)

@@ -39,6 +39,12 @@ Two more remedies for dead codes, both measured in the README:
                          per batch moves to an encoder output of the current batch (plus a little noise);
                          its Adam moments are reset. Never on an epoch's last step, so every reported
                          number comes after training steps.
+Why --init kmeans++ alone, without EMA codes, is worse than the uniform start (first 40 steps of the
+course's recipe with it, measured): the seeds sit where the outputs were at step 0; the outputs move at once
+(RMS 0.69 -> 1.70 in two steps, 0.54 by step 40) while Adam moves each code by 0.08 in all, against distances
+of 5 to 20. Codes chosen in a batch fall from 120 to 29 by step 3 and 4 by step 40, the seeds nearest the
+origin, where the outputs ended. Uniform codes all start at the origin, so more of them stay nearest to
+some output.
 Every code starts, and every restarted code starts again, with a use N_i of max(2 N, 1): unused, it falls
 below N after ln 2 / (1 - g) = 69 steps, so each code has that long to be chosen before it counts as dead.
 (A start of 1 would count nearly every code dead after the first step and throw the k-means++ seeds away.)

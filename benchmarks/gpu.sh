@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Every script at its default budget on CUDA, with --amp and then in fp32: train examples/s, wall time
-# and the final numbers, as one markdown table. Meant for a short lease of a GPU machine (about 15
-# minutes in all, start-up included), so the --amp pass comes first and each run has a time limit.
+# Every script at its default budget on CUDA, with --precision auto (what a user gets: bf16 from compute
+# capability 8.0, fp16 with a GradScaler before) and then fp32: train examples/s, wall time and the final
+# numbers, as one markdown table. Meant for a short lease of a GPU machine (about 15 minutes in all,
+# start-up included), so the auto pass comes first and each run has a time limit.
 #
-#   bash benchmarks/gpu.sh [DATA_DIR]        # DATA_DIR holds cifar10.pkl; default data
+#   bash benchmarks/gpu.sh [DATA_DIR]    # DATA_DIR holds cifar10.pkl (default data); else torchvision
+#                                        # downloads CIFAR-10 there, which needs network access
 #
 # Writes into results/gpu/<mode>/<script>/ and prints the table at the end (also results/gpu/table.md).
 set -u
 cd "$(dirname "$0")/.."
 DATA=${1:-data}
-[ -f "$DATA/cifar10.pkl" ] || { echo "no $DATA/cifar10.pkl; pass the folder that holds it" >&2; exit 1; }
+[ -f "$DATA/cifar10.pkl" ] || echo "no $DATA/cifar10.pkl: torchvision will download CIFAR-10 into $DATA" >&2
 OUT=results/gpu
 LIMIT=${LIMIT:-240}  # seconds per run at most: a run cut short still leaves its last checkpoint
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu EXTRA="--epochs 1 --subset 200" tries the script itself on a CPU
@@ -27,8 +29,8 @@ run() {  # run MODE NAME ARGS...: one script, timed, its output kept beside its 
   tail -n 2 "$out.log"
 }
 
-for mode in amp fp32; do
-  flag=$([ "$mode" = amp ] && echo --amp || echo)
+for mode in auto fp32; do
+  flag="--precision $mode"
   run "$mode" vae_2d vae_2d.py
   run "$mode" vae_image vae_image.py --dataset cifar10 --data-dir "$DATA" $flag
   run "$mode" vlae vlae.py --dataset cifar10 --data-dir "$DATA" $flag
@@ -43,9 +45,9 @@ out = sys.argv[1]
 keys = {'vae_2d': ['neg_elbo', 'nll_iw'], 'vae_image': ['neg_elbo', 'sse_plus_kl', 'bits_per_dim'],
         'vlae': ['neg_elbo', 'sse_plus_kl', 'bits_per_dim'], 'vqvae': ['recon_mse', 'codes_used', 'perplexity'],
         'pixelcnn_prior': ['nll', 'bits_per_dim', 'sample_seconds_100']}
-print('| script | mode | exit | wall s | epochs | train examples/s | final numbers |')
+print('| script | --precision (ran in) | exit | wall s | epochs | train examples/s | final numbers |')
 print('|---|---|---|---|---|---|---|')
-for mode in ('amp', 'fp32'):
+for mode in ('auto', 'fp32'):
     for name, shown in keys.items():
         path = os.path.join(out, mode, name)
         rc, wall = open(path + '.wall').read().split() if os.path.exists(path + '.wall') else ('-', '0')
@@ -56,6 +58,6 @@ for mode in ('amp', 'fp32'):
             continue
         f = {**m['final_test'], **{k: m[k] for k in m if k.startswith('sample_')}}
         numbers = ', '.join(f'{k} {f[k]:.4g}' for k in shown if k in f)
-        print(f"| {name} | {mode} | {rc} | {float(wall):.0f} | {m['epochs_trained']} | "
+        print(f"| {name} | {mode} ({m['ran_on']['precision']}) | {rc} | {float(wall):.0f} | {m['epochs_trained']} | "
               f"{m['train_examples_per_s']:,.0f} | {numbers} |")
 EOF
