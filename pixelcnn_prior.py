@@ -241,8 +241,8 @@ def loss_terms(prior, codes):
     return {'nll': nll.mean(), 'bits_per_code': nll.mean() / math.log(2)}
 
 
-def WORST(num_codes):  # an untrained prior scores about log K, a uniform guess; twice that is no model at all
-    return {'nll': (2 * math.log(num_codes), f'twice a uniform guess over {num_codes} codes')}
+def WORST(num_codes):  # what a uniform guess scores: an untrained prior scores about that
+    return {'nll': (math.log(num_codes), f'what a uniform guess over {num_codes} codes scores')}
 
 
 def train_epoch(prior, optimizer, amp, codes, args, progress):

@@ -1378,7 +1378,10 @@ def test_overwrite_removes_only_what_the_checkpoints_run_wrote(image_dir, tmp_pa
 def test_what_is_not_a_run_is_never_taken_for_one(tmp_path):
     out = tmp_path / 'run'
     out.mkdir()
-    for foreign in ({'weight': torch.zeros(2)}, torch.zeros(3), [1, 2], {'model': {}, 'config': {}}):
+    typed = {k: {} for k in common._KEYS} | {'config': {'epochs': 2, 'seed': 0, 'dataset': 'gaussian1'}, 'script': 'vae_2d'}
+    for foreign in ({'weight': torch.zeros(2)}, torch.zeros(3), [1, 2], {'model': {}, 'config': {}},
+                    typed | {'epoch': 'one', 'segments': []}, typed | {'epoch': 1, 'segments': None},
+                    typed | {'epoch': -5, 'segments': []}, typed | {'epoch': 1, 'history': [], 'segments': []}):
         torch.save(foreign, out / 'model.pt')
         before = files(out)
         for flag in ([], ['--resume'], ['--sample-only'], ['--overwrite']):  # not even --overwrite replaces it
@@ -1575,8 +1578,8 @@ def test_resume_refuses_a_changed_objective_and_records_segments(image_dir, tmp_
 
 @pytest.mark.parametrize('script', ['vqvae', 'prior', 'vae_image'])
 def test_a_test_number_no_model_can_reach_stops_as_diverged(script, image_dir, tmp_path, monkeypatch):
-    """A run whose test number is worse than a naive model's (the prior above twice a uniform guess; a VQ-VAE's
-    recon above 4, every pixel off by the whole range; the VAE's recon likewise) stops as a NaN does, in
+    """A run whose test number is ten times a naive model's (the prior's a uniform guess's log K; a VQ-VAE's
+    recon 4, every pixel off by the whole range; the VAE's recon term likewise) stops as a NaN does, in
     whichever epoch, though every number is finite (as --lr 0.3 and 0.03 once did)."""
     data = ['--dataset', 'cifar10', '--data-dir', image_dir, '--epochs', '2', '--batch-size', '32']
     if script == 'vae_image':
@@ -1587,7 +1590,7 @@ def test_a_test_number_no_model_can_reach_stops_as_diverged(script, image_dir, t
             (pixelcnn_prior.evaluate, 'nll', pixelcnn_prior.main)
         argv = data + (['--num-codes', '8', '--code-dim', '16'] if script == 'vqvae' else
                        ['--vqvae', str(tmp_path / 'vq' / 'model.pt'), '--hidden', '8', '--layers', '2'])
-    worse = {'recon_mse': 4.01, 'nll': 2 * math.log(8) + 0.01, 'recon': 3072 / 2 * math.log(2 * math.pi) + 6145}[key]
+    worse = {'recon_mse': 40.1, 'nll': 10 * math.log(8) + 0.1, 'recon': 10 * (3072 / 2 * math.log(2 * math.pi) + 6145)}[key]
     calls = []
 
     def evaluate(*a):
@@ -1598,7 +1601,7 @@ def test_a_test_number_no_model_can_reach_stops_as_diverged(script, image_dir, t
         return result
     monkeypatch.setattr({'vqvae': vqvae, 'prior': pixelcnn_prior, 'vae_image': vae_image}[script], 'evaluate', evaluate)
     refused(main, argv + ['--out', str(tmp_path / 'run')], 'diverged', 'in epoch 2', f'test {key} ',
-            'is worse than', 'keeps epoch 1')
+            'is over ten times', 'keeps epoch 1')
     assert torch.load(tmp_path / 'run' / 'model.pt', weights_only=True)['epoch'] == 1
 
 
@@ -1624,6 +1627,24 @@ def test_messages_that_say_what_to_do(image_dir, tmp_path):
         pixelcnn_prior.parse_args(['--temperature', '1e-9'])
     assert e.value.code == 2
     assert not any((tmp_path / name).exists() for name in ('small', 'x', 'none', 'e'))  # no empty folders left
+    refused(vae_image.main, ['--dataset', 'cifar10', '--data-dir', '', '--out', str(tmp_path / 'd')],
+            "--data-dir '' is empty", '--data-dir ./data')
+    (tmp_path / 'lockdir' / '.lock').mkdir(parents=True)
+    refused(vae_2d.main, TWO_EPOCHS + ['--out', str(tmp_path / 'lockdir')], '.lock is a folder', 'move it away')
+
+
+def test_compile_without_a_compiler_is_one_line(image_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(common.shutil, 'which', lambda name: None)
+    refused(vqvae.main, ['--dataset', 'cifar10', '--data-dir', image_dir, '--compile', '--device', 'cpu', '--out',
+                         str(tmp_path / 'c')], '--compile needs a C++ compiler', 'without --compile')
+    assert not (tmp_path / 'c').exists()
+
+
+def test_resuming_a_finished_run_adds_no_segment(tmp_path):
+    out = str(tmp_path / 'run')
+    vae_2d.main(TWO_EPOCHS + ['--out', out])
+    again = vae_2d.main(TWO_EPOCHS + ['--out', out, '--resume'])  # nothing left to train: metrics and pictures only
+    assert again['epochs_trained'] == 2 and len(again['segments']) == 1
 
 
 def refused(main, argv, *words):

@@ -112,7 +112,8 @@ def parse_args(argv=None):
     even = args.batch_size * 64 / args.num_codes  # outputs per code a batch if all codes were used equally
     if args.restart_below > even:
         p.error(f'argument --restart-below: {args.restart_below:g} is above the {even:g} outputs a code gets when all '
-                f'{args.num_codes} are used equally at --batch-size {args.batch_size}: every code would restart')
+                f'{args.num_codes} are used equally at --batch-size {args.batch_size}, so codes would restart forever; '
+                f'pass --restart-below {even / 8:g} or a larger --batch-size')
     return args
 
 
@@ -273,7 +274,7 @@ def restart_dead_codes(model, z_e, optimizer, threshold, noise=0.01):
 
 # ---------------------------------------------------------------------------------------------- train
 
-WORST = {'recon_mse': (4.0, 'the error of the worst prediction inside [-1, 1]')}  # no reconstruction worse exists
+WORST = {'recon_mse': (4.0, 'the error of the worst prediction inside [-1, 1]')}  # no prediction in range is worse
 
 
 def train_epoch(model, optimizer, amp, x, args, progress, loss_fn=loss_terms):
