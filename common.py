@@ -290,7 +290,7 @@ def shell_command(words):  # a command line the user's shell runs as it stands: 
 def _interrupted(args, script, argv, path):
     """The Ctrl-C handler: one line naming the epoch really on disk (read back, so also right when Ctrl-C lands
     during the checkpoint write) and the command that goes on from it; exit status 130. A second Ctrl-C
-    while it writes that line is ignored."""
+    from then on is ignored."""
     handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
     epoch = (_read_checkpoint(path, quiet=True) or {}).get('epoch')
     flag = '--resume' if epoch is not None and epoch < args.epochs and not args.sample_only else '--sample-only'
@@ -302,7 +302,8 @@ def _interrupted(args, script, argv, path):
         f'interrupted before the first epoch ended; the run in {args.out} is kept as it was' if args.out in _REPLACING
         else f'interrupted; {path} holds epoch {epoch} of {args.epochs}. {then} with: {command}' if epoch is not None
         else 'interrupted before the first epoch ended; nothing was saved'), file=sys.stderr, flush=True)
-    signal.signal(signal.SIGINT, handler)
+    if argv is not None:  # main(argv) called from Python goes on; from the command line, the process ends ignoring
+        signal.signal(signal.SIGINT, handler)  # any further Ctrl-C, so it exits 130, not killed by the signal
     raise SystemExit(130)
 
 @contextlib.contextmanager
