@@ -98,8 +98,8 @@ def load_images(name, data_dir):
     channels, size, tensors = IMAGE_CHANNELS[name], 28 if name == 'mnist' else 32, []
     for split, array in zip(('train', 'test'), arrays):
         if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim == 0:
-            fail(f"{path}: '{split}' must be a uint8 numpy array of images, got {type(array).__name__}" +
-                 (f" of {array.dtype}, {array.ndim} dimensions" if hasattr(array, 'dtype') else ''))
+            fail(f"{path}: '{split}' must be a uint8 numpy array of images, got " + ('a single number' if np.ndim(
+                array) == 0 else f'{type(array).__name__}' + (f' of {array.dtype}' if hasattr(array, 'dtype') else '')))
         array = array[..., None] if array.ndim == 3 and channels == 1 else array  # (N, H, W) -> (N, H, W, 1)
         if array.ndim != 4 or array.shape[1:] != (size, size, channels):
             fail(f"{path}: '{split}' has shape {array.shape}, expected (N, {size}, {size}, {channels})")
