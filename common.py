@@ -160,8 +160,8 @@ def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, pre
         p.add_argument('--precision', choices=['auto', 'fp32', 'bf16', 'fp16'], default='auto',
                        help='number format of training (autocast); test numbers stay fp32. auto: bf16 on GPUs of '
                             'compute capability 8.0 on (A100, H100, RTX 30xx) and CPUs with AMX; fp16 with a '
-                            'GradScaler on older GPUs (T4, V100); fp32 elsewhere (laptop CPUs, where bf16 is up to '
-                            '20x slower; Macs). The first line of a run says what it chose')
+                            'GradScaler on older GPUs (T4, V100); fp32 elsewhere (laptop CPUs, where bf16 is 14-35x '
+                            'slower; Macs). The first line of a run says what it chose')
     if compile:  # offered where it measurably helps (README, speed)
         p.add_argument('--compile', action='store_true',
                        help='torch.compile the training step: 1.2-1.4x faster after 10-20 s of compiling; off by '
