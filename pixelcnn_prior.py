@@ -241,7 +241,7 @@ def loss_terms(prior, codes):
     return {'nll': nll.mean(), 'bits_per_code': nll.mean() / math.log(2)}
 
 
-def WORST(num_codes):  # what a uniform guess scores: an untrained prior scores about that
+def worst(num_codes):  # what a uniform guess scores: an untrained prior scores about that
     return {'nll': (math.log(num_codes), f'what a uniform guess over {num_codes} codes scores')}
 
 
@@ -309,7 +309,7 @@ def main(argv=None):
             train_logs = train_epoch(prior, optimizer, amp, train_codes, args, (epoch, args.epochs))
             seconds = time.time() - start
             test = evaluate(prior, test_codes, args)
-            common.check_finite(train_logs, test, epoch, args, state, worst=WORST(args.num_codes))
+            common.check_finite(train_logs, test, epoch, args, state, worst=worst(args.num_codes))
             common.record(state, train_logs, test, seconds, len(train_codes))
             common.save_checkpoint(prior, optimizer, args, 'pixelcnn_prior', state, amp)
             common.print_epoch(state, args.epochs, test, seconds)

@@ -166,9 +166,11 @@ def fit_discrete_scale(x, x_hat):
     """The one scale that makes training images x likeliest under discrete_log_prob around x_hat, on a grid
     from 1e-3 (a tenth of a level) to 1: a coarse pass, then a fine one. Fitted on training data, the test
     number it gives stays a bound. For models trained with a fixed s, which need not suit discrete pixels."""
+    x, x_hat = x.cpu().double(), x_hat.cpu().double()  # once, not at each of the 38 scales tried
+
     def likeliest(grid):
         nll = torch.stack([-discrete_log_prob(x, x_hat, s).mean() for s in grid])
-        return float(grid[int(nll.argmin())])  # the grid is on the CPU, nll on the device
+        return float(grid[int(nll.argmin())])
     coarse = likeliest(torch.logspace(-3, 0, 13).double())  # 1e-3 .. 1, steps of a factor 1.78
     return likeliest(coarse * (10 ** 0.02) ** torch.arange(-12, 13).double())  # +-12 steps of 4.7% around it
 
