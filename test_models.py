@@ -1224,6 +1224,20 @@ def test_fp16_with_a_grad_scaler_trains_every_image_model(name):
     assert all(math.isfinite(v) for v in values) and values[-1] < min(values[:3]), values
 
 
+def test_fp16_clips_the_true_gradients():
+    """Amp.step unscales before clipping: the gradient that the step uses has norm --clip-grad, not a
+    65,536th of it (clipping the scaled gradients, then dividing them by the scale)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: only the gradients matter
+    amp = common.Amp(torch.device('cpu'), 'fp16')
+    with amp.autocast():
+        loss = model(torch.randn(4, 8)).float().mean() / 16  # gradient norm 0.11; times 65,536 inside fp16
+    amp.step(loss, optimizer, clip=0.01)
+    norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    assert amp.scaler.get_scale() == 2**16 and norm == pytest.approx(0.01, rel=1e-3)  # no overflow; clipped
+
+
 def test_fp16_keeps_the_flows_exp_in_fp32():
     """fp16's exp overflows above 11.09: under autocast the MADE's outputs are fp32, so a large log sigma is
     a large, finite sigma."""
