@@ -3,7 +3,9 @@
 Model
     prior      p(z)   = N(0, I),                  z in R^16
     encoder    q(z|x) = N(mu(x), diag sigma^2(x))
-    decoder    p(x|z) = N(mu(z), s^2 I),          s = --decoder-std, fixed (the course's model: s = 1)
+    decoder    p(x|z) = N(mu(z), s^2 I),          s = --decoder-std, fixed
+The course describes its decoder as N(mu(z), I), s = 1, our default; its loss, sum of squared errors + KL, is
+the negative ELBO at s^2 = 1/2 up to a constant, so --decoder-std 0.7071 trains the course's objective.
 
 Objective: the negative ELBO, in nats per image with all constants, on pixels scaled to [-1, 1]:
     -ELBO = recon + kl
@@ -11,19 +13,19 @@ Objective: the negative ELBO, in nats per image with all constants, on pixels sc
     kl    = KL(q(z|x) || N(0, I)) = 1/2 sum_j [ mu_j^2 + sigma_j^2 - 1 - log sigma_j^2 ]
 
 What s changes. s is how much pixel noise the model believes in. The reconstruction error is divided by
-s^2 while the KL is not, so s sets the exchange rate between them: s = 1 (the course's choice) makes
+s^2 while the KL is not, so s sets the exchange rate between them: s = 1 makes
 a pixel error cheap, the encoder keeps little information in z (small KL) and the images are blurry;
 s = 0.1 makes errors 100 times dearer, so the encoder puts more into z (the KL grows) to sharpen the
-reconstructions, as far as the network can. It also changes the likelihood itself: on data in [-1, 1]
-a noise of s = 1 is wider than the whole pixel range, so the ELBO in bits per dimension is worse than a
-uniform guess (8 bits) whatever the network does, and an s narrower than the decoder's real errors is
-penalised too. The README has measured numbers for s = 1 and s = 0.1.
+reconstructions, as far as the network can. It also changes the likelihood itself: a density of std s
+costs 1/2 log(2 pi s^2) per pixel even for a perfect mean, which at s = 1 (half the width of [-1, 1]) is
+8.32 bits on the 0-255 scale, worse than a uniform guess (8 bits) whatever the network does; an s
+narrower than the decoder's real errors is penalised too. The README has measured numbers for s = 1 and s = 0.1.
 
 Also reported, per test image:
     mse           per-pixel squared error of the decoder mean, on [-1, 1]
     bits_per_dim  -ELBO on the 0-255 pixel scale / (D ln 2) = (-ELBO + D ln 127.5) / (D ln 2). A density at
                   the integer pixel values, not a discrete likelihood. On MNIST D counts the 32x32 frame,
-                  196 of whose 1,024 pixels are padding, so it is not comparable with 28x28 figures
+                  240 of whose 1,024 pixels are padding, so it is not comparable with 28x28 figures
     sse_plus_kl   sum of squared errors + KL: the course's convention (SVHN 104.0, CIFAR-10 241.6 after 20
                   epochs); it equals 2 (-ELBO) - D log 2 pi at s = 1, up to the factor on the KL
     nll_iw        importance-weighted estimate of -log p(x) with K samples (Burda et al., 2016)
@@ -63,7 +65,8 @@ def make_parser(script='vae_image', doc=__doc__):
     p.add_argument('--latent-dim', type=common.positive(int), default=16,
                    help="size of z; 16 as in the course: enough for coarse image structure, small enough to look at")
     p.add_argument('--decoder-std', type=DECODER_STD, default=1.0,
-                   help="fixed std s of p(x|z) on [-1, 1] pixels; 1 is the course's model. Smaller s trades KL for "
+                   help="fixed std s of p(x|z) on [-1, 1] pixels; 1: the course's stated N(mu, I) (its loss is that of "
+                        "s = 0.7071). Smaller s trades KL for "
                         "sharper reconstructions (see the docstring)")
     p.add_argument('--iw-samples', type=common.positive(int, high=10_000), default=100,
                    help='importance samples K for the final estimate of -log p(x); 100 as in Burda et al. (at most '

@@ -25,20 +25,21 @@ i in a batch:
 e_i is the weighted mean of the old code (weight g N_i) and of this batch's inputs (weight (1 - g) n_i):
 once N_i is about n_i, each step moves a code 1% of the way to the mean of its inputs, so it is the mean
 of its inputs over the last ~100 batches. Why ema is the default: Adam moves each code by about --lr per
-step whatever its gradient, while the encoder's outputs grow by a factor 10 in the first 50 steps
-(measured: RMS 0.7 -> 8.4). Codes starting at +-1/K cannot follow; the few that happen to be nearest
-take every input and the rest die (15 of 128 used after 2 epochs at beta 0.25). A moving average moves
-by a share of the distance, so it follows outputs of any scale; alone it still leaves the codes that
-nothing chose dead, hence the two remedies below, all three on by default (what each does alone, over
-3 seeds: README, VQ-VAE).
+step whatever its gradient, while under the course's recipe the encoder's outputs grow tenfold in the
+first 54 steps (seed 0: RMS 0.7 -> 8.4; from k-means++ seeds they shrink instead, below). Codes
+starting at +-1/K cannot follow; the few that happen to be nearest take every input and the rest die
+(15 of 128 used after 2 epochs at beta 0.25). A moving average moves by a share of the distance, so it
+follows outputs of any scale; alone it still leaves the codes that nothing chose dead, hence the two
+remedies below, all three on by default (what each does alone, over 3 seeds: README, VQ-VAE).
 
 Two more remedies for dead codes, both measured in the README:
     --init kmeans++      the codebook starts as k-means++ seeds (Arthur & Vassilvitskii, 2007) among the
                          encoder outputs of 1,024 training images, instead of uniform in +-1/K (the course's)
     --restart-below N    during training, a code whose moving-average use N_i falls below N encoder outputs
                          per batch moves to an encoder output of the current batch (plus a little noise);
-                         its Adam moments are reset. Never on an epoch's last step, so every reported
-                         number comes after training steps.
+                         its use N_i and sum m_i start again (and, with --codebook loss, its Adam
+                         moments). Never on an epoch's last step, so every reported number comes
+                         after training steps.
 Why --init kmeans++ alone, without EMA codes, is worse than the uniform start (first 40 steps of the
 course's recipe with it, measured): the seeds sit where the outputs were at step 0; the outputs move at once
 (RMS 0.69 -> 1.70 in two steps, 0.54 by step 40) while Adam moves each code by 0.08 in all, against distances
@@ -51,18 +52,27 @@ below N after ln 2 / (1 - g) = 69 steps, so each code has that long to be chosen
 And --clip-grad 1, the course's: the first steps' gradient norms reach 54; clipped, the reconstruction
 is a quarter lower after 2 epochs and a fifth lower after 20 (3 seeds each, README).
 
+The decoder ends in tanh (--output tanh), so no decoded value leaves the pixel range [-1, 1]. The course's
+ends in its last transposed convolution (--output linear). Each of its two stride-2 transposed convolutions
+makes a pixel from other kernel weights depending on the pixel's position modulo 2, so a flat region decodes
+with a period-4 pattern whose amplitude differs by colour channel (Odena et al., 2016). It is largest in
+bright regions (skies, white backgrounds), where the linear output overshoots 1: measured, 4 epochs, seed 0,
+1.5% of decoded values outside [-1, 1], and a mean error by position modulo 4 that spans 0.18-0.22 per channel
+in bright pixels: coloured dots. With tanh, 0.05 (README, VQ-VAE).
+
 The VQ-VAE has a uniform prior over codes during training, so its loss is not a likelihood; fitting a
 prior over the codes afterwards is the job of pixelcnn_prior.py, which reads this script's model.pt.
 
 Test numbers are computed in fp32 whatever --precision training runs in. Also reported on
 the test set: perplexity = exp(entropy of code usage) (K if all codes were used
-equally, 1 if one code did everything), and codes_used, the number of codes chosen at least once.
+equally, 1 if one code did everything), and codes_used, the number of codes chosen at least once. At the
+end, outside_range and bright_speckle (see `speckle`): what the eye sees first in a reconstruction.
 
 Run:
     python vqvae.py --dataset svhn                 # 20 epochs; then: python pixelcnn_prior.py --dataset svhn
     python vqvae.py --dataset cifar10 --subset 10000
     python vqvae.py --dataset cifar10 --subset 10000 --codebook loss --init uniform --restart-below 0 \\
-        --out results/vqvae/cifar10_course                                     # the course's recipe
+        --output linear --out results/vqvae/cifar10_course                     # the course's recipe
 Writes into results/vqvae/<dataset>/: reconstructions.png, code_usage.png, curves.png, metrics.json,
 model.pt.
 """
@@ -379,7 +389,8 @@ def main(argv=None):
             pairs = torch.stack([x, model(x)[0]], dim=1).flatten(0, 1)  # (50, 2, C, H, W) -> (100, C, H, W)
         common.image_grid(f'{args.out}/reconstructions.png', pairs, 10, f'{title}: test images beside reconstructions')
         common.bar_chart(f'{args.out}/code_usage.png', counts.tolist(), 'code index', 'uses on the test set',
-                         f'{title}: code usage (perplexity {final["perplexity"]:.1f}, {final["codes_used"]} codes used)')
+                         f'{title}: code usage (perplexity {final["perplexity"]:.1f}, '
+                         f'{final["codes_used"]} codes used)')
         return common.write_metrics(args, 'vqvae', state, final)
 
 
