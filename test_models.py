@@ -573,7 +573,7 @@ def test_evaluate_counts_every_test_output_in_eval_mode():
                                               rel=1e-5)
 
 
-def test_cifar10_recipe_rebuilds_the_pickle_from_jpegs(tmp_path):
+def test_cifar10_recipe_rebuilds_the_pickle_from_jpegs(tmp_path, monkeypatch):
     """The data recipe on JPEGs made here: three classes whose images are flat colours, so each decoded image tells
     its class and file; the order is classes by name, files by name, then RandomState(0).permutation."""
     from PIL import Image
@@ -585,7 +585,11 @@ def test_cifar10_recipe_rebuilds_the_pickle_from_jpegs(tmp_path):
                 image = np.full((32, 32, 3), np.array(colour) * (1 - 0.2 * i), dtype=np.uint8)
                 Image.fromarray(image).save(tmp_path / 'jpg' / split / name / f'{i:04d}.jpg', quality=75)
     (tmp_path / 'jpg' / 'train' / 'cat' / 'notes.txt').write_text('not an image')
-    data = common.cifar10_from_jpegs(str(tmp_path / 'jpg'), str(tmp_path / 'data'), n_train=10, n_test=9)
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'benchmarks'))
+    import cifar10_pkl
+    cifar10_pkl.main([str(tmp_path / 'jpg'), str(tmp_path / 'data'), '--train', '10', '--test', '9'])
+    with open(tmp_path / 'data' / 'cifar10.pkl', 'rb') as f:
+        data = pickle.load(f)
     for split, count, n in (('train', 4, 10), ('test', 3, 9)):
         labels = np.repeat(np.arange(3), count)  # airplane 0, bird 1, cat 2
         files = np.tile(np.arange(count), 3)
