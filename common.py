@@ -121,7 +121,7 @@ def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, pre
     again.add_argument('--overwrite', action='store_true', help="start again in an --out that holds this script's "
                        "run; its files go once the new run's first checkpoint is written")
     again.add_argument('--sample-only', action='store_true', help='reload --out/model.pt, recompute the final metrics '
-                       'and redraw the pictures (the same for the same --seed: pass another for new samples)')
+                       '(the prior re-encodes its data) and redraw the pictures: --seed N draws new ones')
     if precision:  # convolutions only: the 2D MLPs are too small to gain from it
         p.add_argument('--precision', choices=['auto', 'fp32', 'bf16', 'fp16'], default='auto', help='of training '
                        '(tests: fp32). auto: bf16 on A100/H100/RTX 30xx, AMX CPUs; fp16 on T4, V100; else fp32')
