@@ -21,6 +21,7 @@ GAUSSIANS_2D = {  # name: (mean, standard deviations along the two axes, then ro
     'diagonal1': ((1.0, 2.0), (5.0, 1.0), 0), 'diagonal2': ((-1.0, 2.0), (1.0, 5.0), 0)}
 
 IMAGE_CHANNELS = {'svhn': 3, 'cifar10': 3, 'mnist': 1}
+
 def load_2d(name, n_train=10_000, n_test=2_500, seed=0):  # (n_train, 2), (n_test, 2): the same points every run
     mean, std, degrees = GAUSSIANS_2D[name]
     c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
@@ -149,6 +150,7 @@ def choose_precision(asked, facts):
                                                    if slow else 'asked')
 
 RAN_ON = {}  # where this run ran, as resolved: metrics.json records it beside the options as given
+
 def pick_device(args):  # the device and precision, said in one line at the start and kept for metrics.json
     available = {'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available(), 'cpu': True}
     if args.device != 'auto' and not available[args.device]:
@@ -195,14 +197,16 @@ def _device_rng(device, state=None):  # {device: random stream} of CUDA or MPS (
 def _missing_folders(path):  # the folders that making `path` would create, innermost first
     folder = os.path.abspath(path)
     return [] if os.path.exists(folder) else [folder] + _missing_folders(os.path.dirname(folder))
+
 def _remove_empty(folders):  # innermost first; rmdir refuses a folder that holds anything
     for folder in folders:
         with contextlib.suppress(OSError):
             os.rmdir(folder)
+
 _KEYS = {'model', 'optimizer', 'config', 'script', 'epoch', 'rng', 'history', 'train_seconds', 'train_examples',
          'segments'}  # what save_checkpoint writes and restore reads
-
 _REPLACING = {}  # --out -> the old run's files that --overwrite removes once the new run's first checkpoint is in
+
 def _read_checkpoint(path, quiet=False):  # None if there is none; a damaged or foreign file stops (quiet: None)
     if not os.path.exists(path):
         return None
@@ -402,8 +406,10 @@ def batches(x, batch_size, shuffle, progress=None):
 
 def clear_line():  # on a terminal, spaces wipe the progress line (the legacy Windows console prints ANSI codes)
     return '\r' + ' ' * (shutil.get_terminal_size().columns - 1) + '\r' if sys.stdout.isatty() else ''
+
 def clock(seconds):
     return f'{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}'
+
 def print_epoch(state, epochs, test, seconds):  # one line an epoch (what a log sees), with the time left
     shown = '  '.join(f'{k} {v:.4g}' for k, v in list(test.items())[:4])
     left = f', about {clock(seconds * (epochs - state["epoch"]))} left' if state['epoch'] < epochs else ''
@@ -461,6 +467,7 @@ def bar_chart(path, values, xlabel, ylabel, title):
     save_figure(fig, path)
 
 _PICTURES = []  # the pictures this run wrote: metrics.json lists them, so --overwrite removes only those
+
 def save_figure(fig, path, **kwargs):
     if 'bbox_inches' not in kwargs:
         fig.tight_layout()
