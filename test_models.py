@@ -1221,7 +1221,7 @@ def test_fp16_with_a_grad_scaler_trains_every_image_model(name):
     elif name == 'vqvae':  # recon must fall; the commitment grows as the encoder moves (no EMA codebook steps here)
         model, values = vqvae.VQVAE(3, 16, 32), []
         fp16_steps(model, lambda: values.append(terms := vqvae.loss_terms(model, x, 1.0)) or terms['loss'], clip=1.0)
-        values = [float(t['recon_mse']) for t in values]
+        values = [float(t['recon_mse'].detach()) for t in values]
     else:
         model, codes = pixelcnn_prior.ARCHS[name](16, 16, 4), torch.randint(0, 16, (2, 8, 8))
         values = fp16_steps(model, lambda: pixelcnn_prior.loss_terms(model, codes)['nll'])
