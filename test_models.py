@@ -605,7 +605,7 @@ def test_cifar10_recipe_rebuilds_the_pickle_from_jpegs(tmp_path, monkeypatch):
 def test_speckle_measures_a_known_colour_speckle():
     """Bright pixels of known channel spread, reconstructed with twice that spread: bright_speckle 2. Dark pixels with
     any error do not count; decoded values above 1 count as outside the pixel range, whatever their pixel."""
-    x = torch.full((2, 3, 4, 4), -0.5)  # dark everywhere ...
+    x = torch.tensor([-0.9, -0.5, 0.8])[None, :, None, None].repeat(2, 1, 4, 4)  # saturated blue, not bright ...
     x[:, :, :2] = torch.tensor([0.8, 0.9, 1.0])[:, None, None]  # ... but the top half: bright, channel spread std 0.0816
     x_hat = x.clone()
     x_hat[:, :, :2] = torch.tensor([0.7, 0.9, 1.1])[:, None, None]  # twice as spread: one value in three above 1
