@@ -1,21 +1,17 @@
-"""Small helpers every script's `main` calls: data, options, device and precision, the run's folder and
-checkpoint, progress, pictures; no model, no training loop. Bad input ends in one line: `fail(...)`."""
-import argparse, contextlib, errno, json, math, os, pickle, re, shlex, shutil, signal, subprocess, sys, time
+"""What the scripts' mains share: data, options, device, checkpoints, progress, pictures; no model, no training loop."""
+import argparse, contextlib, json, math, os, pickle, shlex, shutil, signal, subprocess, sys, time
 
 import filelock
 import numpy as np
 import torch
 import torchvision
-
 import matplotlib
 matplotlib.use('Agg')  # files only: works on servers and in CI, never opens a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-
 def fail(message):  # one line on stderr, exit status 1 (argparse keeps 2 for bad options)
     raise SystemExit(f'error: {message}')
 
-# ---------------------------------------------------------------------------------------------------- data
 GAUSSIANS_2D = {  # name: (mean, standard deviations along the two axes, then rotated by this many degrees)
     'gaussian1': ((1.0, 2.0), (5.0, 1.0), 45), 'gaussian2': ((-1.0, 2.0), (1.0, 5.0), 45),
     'diagonal1': ((1.0, 2.0), (5.0, 1.0), 0), 'diagonal2': ((-1.0, 2.0), (1.0, 5.0), 0)}
@@ -47,10 +43,7 @@ def _from_pickle(path):
              f"{sorted(data) if isinstance(data, dict) else type(data).__name__}")
     return data['train'], data['test']
 
-def _from_torchvision(name, data_dir):  # uint8 (N, H, W[, C]) arrays, downloaded once; a failure leaves no folders
-    if data_dir.endswith('.pkl'):
-        fail(f'--data-dir is the folder that holds {name}.pkl, and {data_dir} does not exist')
-    created, existed = _missing_folders(data_dir), {d for d, _, _ in os.walk(data_dir)}
+def _from_torchvision(name, data_dir):  # uint8 (N, H, W[, C]) arrays, downloaded once
     try:
         if name == 'svhn':  # torchvision keeps SVHN as (N, C, H, W): -> (N, H, W, C) like the others
             return [torchvision.datasets.SVHN(data_dir, split=s, download=True).data.transpose(0, 2, 3, 1)
@@ -58,15 +51,14 @@ def _from_torchvision(name, data_dir):  # uint8 (N, H, W[, C]) arrays, downloade
         dataset = torchvision.datasets.CIFAR10 if name == 'cifar10' else torchvision.datasets.MNIST
         return [np.asarray(dataset(data_dir, train=t, download=True).data) for t in (True, False)]
     except Exception as e:
-        _remove_empty([d for d, _, _ in os.walk(data_dir, topdown=False) if d not in existed] + created)
         fail(f'no {os.path.join(data_dir, name)}.pkl, and the torchvision download into {data_dir} failed '
              f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}). Put the course data.zip\'s '
              f'{name}.pkl into {data_dir}/ or run once with network access.')
 
 def load_images(name, data_dir):  # (train, test) (N, C, 32, 32) in [-1, 1], CPU; MNIST zero-padded from 28x28
     """From <data-dir>/<name>.pkl in the course data.zip format if it is there, else from torchvision."""
-    if not data_dir or os.path.isfile(data_dir):
-        fail(f"--data-dir '{data_dir}' is {'empty' if not data_dir else 'a file'}; pass the folder that holds it: "
+    if not data_dir or os.path.isfile(data_dir) or data_dir.endswith('.pkl'):  # a file named where its folder goes
+        fail(f"--data-dir '{data_dir}' is not a folder; pass the one that holds {name}.pkl: "
              f"--data-dir {os.path.dirname(data_dir) or './data'}")
     path = os.path.join(data_dir, f'{name}.pkl')
     arrays = _from_pickle(path) if os.path.exists(path) else _from_torchvision(name, data_dir)
@@ -91,11 +83,10 @@ def take_subset(train, test, subset):  # --subset N: the first N training and N 
         fail(f'--subset {subset} leaves {min(subset // 5, len(test))} test examples; use --subset 10 or more')
     return (train[:subset], test[:subset // 5]) if subset else (train, test)
 
-# ---------------------------------------------------------------------------------------------------- options
 def positive(kind, high=None, low=0, or_zero=False):  # argparse type: above low (or from it), at most high: by
     # default what a tensor holds, float32's largest number, or 2^31 - 1 for sizes and counts
     def parse(text, high=high or (3.4e38 if kind is float else 2**31 - 1)):
-        if not (math.isfinite(value := kind(text)) and (value >= low if or_zero else value > low) and value <= high):
+        if not (math.isfinite(value := kind(text)) and (low <= value <= high if or_zero else low < value <= high)):
             raise argparse.ArgumentTypeError(f'must be {"at least" if or_zero else "above"} {low:g}, at most {high:,}, '
                                              f'got {text}')
         return value
@@ -103,8 +94,7 @@ def positive(kind, high=None, low=0, or_zero=False):  # argparse type: above low
     return parse
 
 def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, precision=True, compile=False,
-                out='<dataset>'):
-    """The shared options; `why` gives the reason for this script's defaults, shown in --help."""
+                out='<dataset>'):  # the shared options; `why`: the reasons for this script's defaults, for --help
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # a flag is spelled whole, so the printed resume command runs
     p.add_argument('--dataset', choices=datasets, default=dataset, help=f'data to model (default: {dataset})')
@@ -131,7 +121,6 @@ def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, pre
                        '10-20 s of compiling; needs a C++ compiler (CPU) or Triton (GPU)')
     return p
 
-# ---------------------------------------------------------------------------------------------------- device
 def machine_facts(device):  # what the precision depends on; ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA can lower it
     isa = os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL').upper()
     return {'device': device.type, 'cpu_isa': torch.backends.cpu.get_cpu_capability(),
@@ -158,9 +147,6 @@ def pick_device(args):  # the device and precision, said in one line at the star
     device = torch.device(args.device if args.device != 'auto' else next(d for d, ok in available.items() if ok))
     facts = machine_facts(device)
     precision, why = choose_precision(args.precision, facts) if 'precision' in args else ('fp32', 'always here')
-    if getattr(args, 'compile', False) and device.type == 'cpu' and not any(
-            shutil.which(c) for c in (os.environ.get('CXX', 'g++'), 'c++', 'clang++', 'cl')):
-        fail('--compile needs a C++ compiler on the CPU, and none was found; run without --compile')
     torch.backends.cudnn.benchmark = device.type == 'cuda'  # the fastest convolution for these fixed shapes
     where = (torch.cuda.get_device_name(device) + ', compute capability %d.%d' % facts['cuda_capability']
              if device.type == 'cuda' else f'{facts["cpu_isa"]}, {"" if facts["amx"] else "no "}AMX')
@@ -193,16 +179,6 @@ def _device_rng(device, state=None):  # {device: random stream} of CUDA or MPS (
         module.set_rng_state(state)
     return {device.type: module.get_rng_state()} if module else {}
 
-# ---------------------------------------------------------------------------------------------------- the run
-def _missing_folders(path):  # the folders that making `path` would create, innermost first
-    folder = os.path.abspath(path)
-    return [] if os.path.exists(folder) else [folder] + _missing_folders(os.path.dirname(folder))
-
-def _remove_empty(folders):  # innermost first; rmdir refuses a folder that holds anything
-    for folder in folders:
-        with contextlib.suppress(OSError):
-            os.rmdir(folder)
-
 _KEYS = {'model', 'optimizer', 'config', 'script', 'epoch', 'rng', 'history', 'train_seconds', 'train_examples',
          'segments'}  # what save_checkpoint writes and restore reads
 _REPLACING = {}  # --out -> the old run's files that --overwrite removes once the new run's first checkpoint is in
@@ -214,9 +190,7 @@ def _read_checkpoint(path, quiet=False):  # None if there is none; a damaged or 
         ckpt, why = torch.load(path, map_location='cpu', weights_only=True), 'is not a checkpoint of these scripts'
     except Exception as e:
         ckpt, why = None, f'is damaged or not a file ({type(e).__name__})'
-    if isinstance(ckpt, dict) and _KEYS <= set(ckpt) and isinstance(ckpt['config'], dict) and \
-            {'epochs', 'seed', 'dataset'} <= set(ckpt['config']) and type(ckpt['epoch']) is int and \
-            ckpt['epoch'] >= 0 and isinstance(ckpt['history'], dict) and isinstance(ckpt['segments'], list):
+    if isinstance(ckpt, dict) and _KEYS <= set(ckpt) and {'epochs', 'seed', 'dataset'} <= set(ckpt['config']):
         return ckpt
     if not quiet:  # never replaced, not even by --overwrite: no run of ours wrote it
         fail(f'{path} {why}; move it away, or use another --out')
@@ -228,8 +202,7 @@ def _interrupted(args, script, argv, path):  # Ctrl-C: exit 130 with one line, t
     handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # right even mid-write) and the command that goes on
     epoch = None if args.out in _REPLACING else (_read_checkpoint(path, quiet=True) or {}).get('epoch')
     flag = '--resume' if epoch is not None and epoch < args.epochs and not args.sample_only else '--sample-only'
-    kept = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ('--resume', '--overwrite',
-                                                                               '--sample-only')]
+    kept = [a for a in (sys.argv[1:] if argv is None else argv) if a[2:] not in ('resume', 'overwrite', 'sample-only')]
     command = shell_command([sys.executable, sys.argv[0] if sys.argv[0].endswith(f'{script}.py') else f'{script}.py']
                             + kept + [flag])
     print(('\n' if sys.stdout.isatty() else '') + (f'interrupted; {path} holds epoch {epoch} of {args.epochs}. '
@@ -244,9 +217,7 @@ def claim_out(args, script, argv, fixed=()):
     """Own --out or stop before touching it; yields the checkpoint for --resume / --sample-only (else None). One
     writer at a time: an OS lock on --out/.lock, which the system drops when its process ends, however it ends."""
     args.out = os.path.join('results', script, args.dataset) if args.out is None else args.out
-    if not args.out:
-        fail("--out '' names no folder")
-    path, created = os.path.join(args.out, 'model.pt'), _missing_folders(args.out)
+    path, made = os.path.join(args.out, 'model.pt'), not os.path.isdir(args.out)
     lock = filelock.FileLock(os.path.join(args.out, '.lock'), timeout=0)
     try:
         os.makedirs(args.out, exist_ok=True)
@@ -254,13 +225,10 @@ def claim_out(args, script, argv, fixed=()):
     except filelock.Timeout:
         fail(f'{args.out} is being written by another run; wait for it to end, or use another --out')
     except OSError as e:
-        _remove_empty(created)
-        fail(f'cannot write to --out {args.out} ({e.strerror}' + ('; its .lock is a folder: move it away)'
-                                                                   if os.path.isdir(f'{args.out}/.lock') else ')'))
+        folder = '; its .lock is a folder: move it away' if os.path.isdir(os.path.join(args.out, '.lock')) else ''
+        fail(f'cannot write to --out {shell_command([args.out])} ({e.strerror}{folder})')
     try:
         previous = _previous_run(args, script, path, fixed)
-        for name in [n for n in os.listdir(args.out) if re.fullmatch(r'model\.pt\.\d+\.tmp', n)]:  # a killed writer's
-            os.remove(os.path.join(args.out, name))  # temp files: we hold the lock now
         if args.overwrite and previous:  # the old run's own files: model.pt, metrics.json, its pictures
             _REPLACING[args.out] = [path] + _files_of_run(args.out, previous)
         _PICTURES.clear()
@@ -268,19 +236,13 @@ def claim_out(args, script, argv, fixed=()):
         yield None if args.overwrite else previous
     except KeyboardInterrupt:
         _interrupted(args, script, argv, path)
-    except (MemoryError, RuntimeError) as e:
-        if not isinstance(e, MemoryError) and not re.search('alloc|size calculation overflowed', str(e)):
-            raise
-        asked = ''.join(f' ({int(n) / 2**20:,.0f} MiB at once)' for n in re.findall(r'allocate (\d+) b', str(e))[:1])
-        fail(f'out of memory{asked}: use smaller sizes or --batch-size')
     finally:
         _REPLACING.pop(args.out, None)
-        with contextlib.suppress(OSError):
-            os.remove(f'{path}.{os.getpid()}.tmp')
+        with contextlib.suppress(OSError):  # ours, or a killed writer's: we hold the lock
+            os.remove(f'{path}.tmp')
         lock.release()
-        if created and os.listdir(args.out) == ['.lock']:  # a failed start: the folders it made go
-            os.remove(os.path.join(args.out, '.lock'))
-        _remove_empty(created)
+        if made and os.listdir(args.out) == ['.lock']:  # a failed start: the folder it made goes
+            shutil.rmtree(args.out)
 
 def _previous_run(args, script, path, fixed):  # the checkpoint in --out, once this run may use or replace it
     previous, again = _read_checkpoint(path), args.resume or args.sample_only  # argparse allows one of the three
@@ -346,30 +308,17 @@ def record(state, train_logs, test, seconds, examples):  # one finished epoch: t
     state.update(epoch=state['epoch'] + 1, train_seconds=state['train_seconds'] + seconds,
                  train_examples=state['train_examples'] + examples)
 
-@contextlib.contextmanager
-def _writing(path, kept):  # one line, not a traceback, when path cannot be written (read-only, disk full, ...)
-    try:
-        yield
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        with contextlib.suppress(OSError):
-            full = getattr(e, 'errno', None) == errno.ENOSPC or shutil.disk_usage(os.path.dirname(path)).free < 2**24
-        reason = 'the disk is full' if full else getattr(e, 'strerror', None) or str(e).splitlines()[0][:120]
-        fail(f'cannot write {path} ({reason}); {kept}')
-
 def save_checkpoint(model, optimizer, args, script, state, amp=None, **extra):
     """--out/model.pt, atomically (a temp file, then one rename); after an --overwrite run's first, the old files go."""
-    path, tmp = os.path.join(args.out, 'model.pt'), os.path.join(args.out, f'model.pt.{os.getpid()}.tmp')
-    kept = (f'{path} keeps epoch {state["epoch"] - 1}' if state['epoch'] > 1 and args.out not in _REPLACING else
-            'no checkpoint of this run was written')
-    with _writing(path, kept):
-        torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'config': vars(args),
-                    'script': script, 'rng': torch.get_rng_state(), 'scaler': amp.scaler.state_dict() if amp else {},
-                    'device_rng': _device_rng(next(model.parameters()).device), **state, **extra}, tmp)
-        for wait in (0.1, 0.5, 2, 0):  # Windows refuses the rename while another program (an indexer, a sync
-            with contextlib.suppress(PermissionError) if os.name == 'nt' and wait else contextlib.nullcontext():
-                os.replace(tmp, path)  # client) has model.pt open: try again for a few seconds, then report it
-                break
-            time.sleep(wait)
+    path, tmp = os.path.join(args.out, 'model.pt'), os.path.join(args.out, 'model.pt.tmp')  # one writer: one name
+    torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'config': vars(args),
+                'script': script, 'rng': torch.get_rng_state(), 'scaler': amp.scaler.state_dict() if amp else {},
+                'device_rng': _device_rng(next(model.parameters()).device), **state, **extra}, tmp)
+    for wait in (0.1, 0.5, 2, 0):  # Windows refuses the rename while another program (an indexer, a sync client)
+        with contextlib.suppress(PermissionError) if os.name == 'nt' and wait else contextlib.nullcontext():
+            os.replace(tmp, path)  # has model.pt open: try again for a few seconds, then let it raise
+            break
+        time.sleep(wait)
     for old in _REPLACING.pop(args.out, [])[1:]:  # [0] was model.pt, replaced just now
         with contextlib.suppress(OSError):
             os.remove(old)
@@ -389,7 +338,6 @@ def check_finite(train_logs, test, epoch, args, state, hint='', worst=None):
         fail(f'the loss diverged (NaN, infinite, 10,000 times its start, or worse than a naive model) in epoch '
              f'{epoch}, {where}; {kept}. Try a smaller --lr (now {args.lr}){hint}')
 
-# ---------------------------------------------------------------------------------------------------- progress
 def batches(x, batch_size, shuffle, progress=None):
     """Batches of x for one pass, in a fresh random order when shuffling (drawn on the CPU: the same on every
     device). progress=(epoch, epochs): on a terminal, a line with images/s and the time left, every 2 s."""
@@ -423,23 +371,20 @@ def write_metrics(args, script, state, final, **extra):
                'segments': state['segments'], 'train_seconds': round(state['train_seconds'], 2),
                'train_examples_per_s': round(state['train_examples'] / max(state['train_seconds'], 1e-9), 1),
                'pictures': sorted(set(_PICTURES)), 'run_id': state['run_id'], **extra}
-    path = os.path.join(args.out, 'metrics.json')
     strict = json.loads(json.dumps(metrics), parse_constant=lambda name: None)  # NaN, Infinity -> null
-    with _writing(path, f'{args.out}/model.pt holds the trained model: redo this with --sample-only'):
-        with open(path, 'w') as f:
-            json.dump(strict, f, indent=2, allow_nan=False)
+    with open(os.path.join(args.out, 'metrics.json'), 'w') as f:
+        json.dump(strict, f, indent=2, allow_nan=False)
     print('final test: ' + '  '.join(f'{k} {v:.4g}' for k, v in final.items()) + f'\nwrote {args.out}/ (metrics.json, '
           'model.pt, pictures)')
     return metrics
 
-# ---------------------------------------------------------------------------------------------------- pictures
 def image_grid(path, images, nrow, title=None):  # (N, C, H, W) in [-1, 1] -> one PNG, nrow a row, white borders
     grid = torchvision.utils.make_grid(images.detach().float().cpu().clamp(-1, 1).add(1).div(2), nrow, pad_value=1)
     fig = plt.figure(figsize=(grid.shape[2] / 40, grid.shape[1] / 40 + (0.4 if title else 0)))
     plt.imshow(grid.permute(1, 2, 0).numpy(), interpolation='nearest')  # (C, H, W) -> (H, W, C)
     plt.axis('off')
     plt.title(title or '', fontsize=9)
-    save_figure(fig, path, bbox_inches='tight')
+    save_figure(fig, path)
 
 def plot_curves(path, history, epochs, title):  # a panel a term: train values a batch, test values an epoch
     keys = list(history['test'])
@@ -468,10 +413,8 @@ def bar_chart(path, values, xlabel, ylabel, title):
 
 _PICTURES = []  # the pictures this run wrote: metrics.json lists them, so --overwrite removes only those
 
-def save_figure(fig, path, **kwargs):
-    if 'bbox_inches' not in kwargs:
-        fig.tight_layout()
-    with _writing(path, f'{os.path.dirname(path)}/model.pt holds the trained model: redo this with --sample-only'):
-        fig.savefig(path, dpi=100, **kwargs)
+def save_figure(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches='tight')
     plt.close(fig)
     _PICTURES.append(os.path.basename(path))
