@@ -15,6 +15,7 @@ import subprocess
 import sys
 import types
 
+import matplotlib.figure
 import numpy as np
 import pytest
 import scipy.io
@@ -34,6 +35,23 @@ def cpu_only(monkeypatch):
     """--device auto means the CPU here, on a GPU box or a Mac too: the suite checks the math, on the CPU."""
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
+
+
+DRAWN = {'test_vae_2d_end_to_end', 'test_image_vae_end_to_end', 'test_vqvae_then_priors_end_to_end'}
+
+
+@pytest.fixture(autouse=True)
+def pictures_drawn_only_end_to_end(request, monkeypatch):
+    """The end-to-end tests (DRAWN) draw every picture and check it is a PNG. The others test files, checkpoints
+    and numbers: there a picture is an empty file, as drawing them took half the suite's time."""
+    if request.function.__name__ not in DRAWN:
+        monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', lambda fig, path, **kw: open(path, 'wb').close())
+        monkeypatch.setattr(matplotlib.figure.Figure, 'tight_layout', lambda fig, **kw: None)
+
+
+def is_png(path):
+    with open(path, 'rb') as f:
+        return f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
 def read_metrics(out):
@@ -68,8 +86,8 @@ def image_dir(tmp_path_factory):
 def test_vae_2d_end_to_end(tmp_path):
     out = str(tmp_path / 'run')
     vae_2d.main(['--epochs', '3', '--subset', '2000', '--out', out, '--iw-samples', '20'])
-    for name in ('samples.png', 'curves.png', 'kl_per_dim.png', 'metrics.json', 'model.pt'):
-        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    for name in ('samples.png', 'curves.png', 'kl_per_dim.png'):
+        assert is_png(os.path.join(out, name)), name
     m = read_metrics(out)
     assert m['test_history']['neg_elbo'][-1] < m['test_history']['neg_elbo'][0]
     assert set(m['final_test']) >= {'neg_elbo', 'recon', 'kl', 'nll_iw', 'active_units'}
@@ -194,7 +212,7 @@ def test_latent_usage_on_posteriors_of_known_spread():
 # -------------------------------------------------------------------------------------- 2. vae_image, 3. vlae
 
 IMAGE_PICTURES = ('samples.png', 'reconstructions.png', 'interpolations.png', 'traversals.png', 'kl_per_dim.png',
-                  'curves.png', 'metrics.json', 'model.pt')
+                  'curves.png')
 
 
 @pytest.mark.parametrize('script', [vae_image, vlae])
@@ -202,9 +220,8 @@ def test_image_vae_end_to_end(script, image_dir, tmp_path):
     out = str(tmp_path / 'run')
     script.main(['--dataset', 'cifar10', '--data-dir', image_dir, '--epochs', '3', '--batch-size', '16',
                  '--lr', '3e-4', '--out', out, '--iw-samples', '4', '--iw-examples', '8'])
-    for name in IMAGE_PICTURES:
-        assert os.path.getsize(os.path.join(out, name)) > 0, name
     m = read_metrics(out)
+    assert sorted(m['pictures']) == sorted(IMAGE_PICTURES) and all(is_png(os.path.join(out, p)) for p in IMAGE_PICTURES)
     assert set(m['final_test']) >= {'neg_elbo', 'recon', 'kl', 'mse', 'bits_per_dim', 'sse_plus_kl', 'nll_iw',
                                     'bits_per_dim_iw', 'active_units', 'bits_per_dim_discrete',
                                     'bits_per_dim_iw_discrete', 'discrete_scale'}
@@ -928,8 +945,8 @@ def test_vqvae_then_priors_end_to_end(image_dir, tmp_path):
     vq_out = str(tmp_path / 'vq')
     vqvae.main(['--dataset', 'cifar10', '--data-dir', image_dir, '--epochs', '2', '--batch-size', '16',
                 '--num-codes', '16', '--code-dim', '32', '--out', vq_out])
-    for name in ('reconstructions.png', 'code_usage.png', 'curves.png', 'metrics.json', 'model.pt'):
-        assert os.path.getsize(os.path.join(vq_out, name)) > 0, name
+    for name in ('reconstructions.png', 'code_usage.png', 'curves.png'):
+        assert is_png(os.path.join(vq_out, name)), name
     m = read_metrics(vq_out)
     assert set(m['final_test']) >= {'loss', 'recon_mse', 'codebook', 'commitment', 'perplexity', 'codes_used'}
     assert 1 <= m['final_test']['perplexity'] <= 16 and 1 <= m['final_test']['codes_used'] <= 16
@@ -951,8 +968,8 @@ def test_vqvae_then_priors_end_to_end(image_dir, tmp_path):
         pixelcnn_prior.main(['--dataset', 'cifar10', '--data-dir', image_dir, '--vqvae',
                              os.path.join(vq_out, 'model.pt'), '--arch', arch, '--epochs', '2', '--batch-size', '16',
                              '--hidden', '16', '--layers', '8', '--out', out] + ['--precision', 'fp16'] * (arch == 'gated'))
-        for name in ('samples.png', 'temperatures.png', 'curves.png', 'metrics.json', 'model.pt'):
-            assert os.path.getsize(os.path.join(out, name)) > 0, name
+        for name in ('samples.png', 'temperatures.png', 'curves.png'):
+            assert is_png(os.path.join(out, name)), name
         m = read_metrics(out)
         f = m['final_test']
         assert m['ran_on']['precision'] == ('fp16' if arch == 'gated' else common.choose_precision(
