@@ -1,6 +1,5 @@
 """What the scripts' mains share: data, options, device, checkpoints, progress, pictures; no model, no training loop."""
-import argparse, contextlib, json, math, os, pickle, shlex, shutil, signal, subprocess, sys, time
-
+import argparse, contextlib, functools, json, math, os, pickle, shlex, shutil, signal, subprocess, sys, time
 import filelock
 import numpy as np
 import torch
@@ -15,7 +14,6 @@ def fail(message):  # one line on stderr, exit status 1 (argparse keeps 2 for ba
 GAUSSIANS_2D = {  # name: (mean, standard deviations along the two axes, then rotated by this many degrees)
     'gaussian1': ((1.0, 2.0), (5.0, 1.0), 45), 'gaussian2': ((-1.0, 2.0), (1.0, 5.0), 45),
     'diagonal1': ((1.0, 2.0), (5.0, 1.0), 0), 'diagonal2': ((-1.0, 2.0), (1.0, 5.0), 0)}
-
 IMAGE_CHANNELS = {'svhn': 3, 'cifar10': 3, 'mnist': 1}
 
 def load_2d(name, n_train=10_000, n_test=2_500, seed=0):  # (n_train, 2), (n_test, 2): the same points every run
@@ -51,12 +49,10 @@ def _from_torchvision(name, data_dir):  # uint8 (N, H, W[, C]) arrays, downloade
         dataset = torchvision.datasets.CIFAR10 if name == 'cifar10' else torchvision.datasets.MNIST
         return [np.asarray(dataset(data_dir, train=t, download=True).data) for t in (True, False)]
     except Exception as e:
-        fail(f'no {os.path.join(data_dir, name)}.pkl, and the torchvision download into {data_dir} failed '
-             f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}). Put the course data.zip\'s '
-             f'{name}.pkl into {data_dir}/ or run once with network access.')
+        fail(f'no {os.path.join(data_dir, name)}.pkl, and torchvision could not download it ({type(e).__name__}: '
+             f'{(str(e).splitlines() or [""])[0]}). Put the course data.zip\'s {name}.pkl there or go online once.')
 
 def load_images(name, data_dir):  # (train, test) (N, C, 32, 32) in [-1, 1], CPU; MNIST zero-padded from 28x28
-    """From <data-dir>/<name>.pkl in the course data.zip format if it is there, else from torchvision."""
     if not data_dir or os.path.isfile(data_dir) or data_dir.endswith('.pkl'):  # a file named where its folder goes
         fail(f"--data-dir '{data_dir}' is not a folder; pass the one that holds {name}.pkl: "
              f"--data-dir {os.path.dirname(data_dir) or './data'}")
@@ -83,9 +79,8 @@ def take_subset(train, test, subset):  # --subset N: the first N training and N 
         fail(f'--subset {subset} leaves {min(subset // 5, len(test))} test examples; use --subset 10 or more')
     return (train[:subset], test[:subset // 5]) if subset else (train, test)
 
-def positive(kind, high=None, low=0, or_zero=False):  # argparse type: above low (or from it), at most high: by
-    # default what a tensor holds, float32's largest number, or 2^31 - 1 for sizes and counts
-    def parse(text, high=high or (3.4e38 if kind is float else 2**31 - 1)):
+def positive(kind, high=None, low=0, or_zero=False):  # argparse type: above low (or from it), at most high
+    def parse(text, high=high or (3.4e38 if kind is float else 2**31 - 1)):  # by default what float32, int32 hold
         if not (math.isfinite(value := kind(text)) and (low <= value <= high if or_zero else low < value <= high)):
             raise argparse.ArgumentTypeError(f'must be {"at least" if or_zero else "above"} {low:g}, at most {high:,}, '
                                              f'got {text}')
@@ -96,7 +91,7 @@ def positive(kind, high=None, low=0, or_zero=False):  # argparse type: above low
 def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, precision=True, compile=False,
                 out='<dataset>'):  # the shared options; `why`: the reasons for this script's defaults, for --help
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)  # a flag is spelled whole, so the printed resume command runs
+                                allow_abbrev=False)
     p.add_argument('--dataset', choices=datasets, default=dataset, help=f'data to model (default: {dataset})')
     p.add_argument('--data-dir', default='./data', help='folder where <dataset>.pkl lives or torchvision downloads to')
     p.add_argument('--epochs', type=positive(int, high=10**6), default=epochs, help=f'total epochs. {why["epochs"]}')
@@ -107,7 +102,7 @@ def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, pre
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps'], help='auto: cuda, mps, cpu')
     p.add_argument('--out', default=None, help=f'output folder (default: results/{script}/{out})')
     p.add_argument('--subset', type=positive(int), help='train on the first N examples, test on the first N // 5')
-    again = p.add_mutually_exclusive_group()  # what to do with a run already in --out; none of them: refuse
+    again = p.add_mutually_exclusive_group()  # for a run in --out (none: refuse); spelled whole, as resume commands
     again.add_argument('--resume', action='store_true', help='continue the run in --out up to --epochs in total')
     again.add_argument('--overwrite', action='store_true', help="start again in an --out that holds this script's "
                        "run; its files go once the new run's first checkpoint is written")
@@ -121,25 +116,36 @@ def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, pre
                        '10-20 s of compiling; needs a C++ compiler (CPU) or Triton (GPU)')
     return p
 
+@functools.cache  # once a process, 0.2 s
+def _bf16_speedup():  # fp32's time over bf16's for a conv layer's forward and backward, best of 3 each
+    with torch.random.fork_rng(devices=[]):  # the run's random stream stays as its seed made it
+        conv, x, best = torch.nn.Conv2d(256, 256, 3, padding=1), torch.randn(64, 256, 8, 8), {}
+        for bf16 in (False, True) * 3:
+            start = time.perf_counter()
+            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+                conv(x).float().square().mean().backward()
+            best[bf16] = min(best.get(bf16, math.inf), time.perf_counter() - start)
+    return best[False] / best[True]
+
 def machine_facts(device):  # what the precision depends on; ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA can lower it
-    isa = os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL').upper()
-    return {'device': device.type, 'cpu_isa': torch.backends.cpu.get_cpu_capability(),
-            'amx': getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)() and ('AMX' in isa or isa == 'ALL'),
+    isa, onednn = torch.backends.cpu.get_cpu_capability(), os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL').upper()
+    amx = getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)() and ('AMX' in onednn or onednn == 'ALL')
+    return {'device': device.type, 'cpu_isa': isa, 'amx': amx, 'bf16_speedup': _bf16_speedup() if device.type == 'cpu'
+            and isa.startswith('AVX512') and not amx else None,  # Zen 4: 1.8; a Xeon held to AVX-512 bf16: 0.9
             'cuda_capability': torch.cuda.get_device_capability(device) if device.type == 'cuda' else None}
 
 def choose_precision(asked, facts):
-    """(precision, why) for --precision `asked`. bf16 is fast on GPUs from compute capability 8.0 (older ones
-    emulate it) and CPUs with AMX (1.7-2.4x fp32; without AMX 0.05-0.9x: README 9); fp16 on any CUDA GPU."""
-    device = facts['device']
+    """(precision, why) for --precision `asked`. bf16 is fast on GPUs from compute capability 8.0 (older ones emulate
+    it), CPUs with AMX (1.7-2.4x fp32) and AVX-512 CPUs where it measures 1.3x or more; fp16 on any CUDA GPU."""
+    device, cpu_bf16 = facts['device'], facts['amx'] or (facts.get('bf16_speedup') or 0) >= 1.3
     fast_bf16 = facts['cuda_capability'] >= (8, 0) if device == 'cuda' else \
-        device == 'cpu' and facts['amx'] and facts['cpu_isa'].startswith('AVX512')
+        device == 'cpu' and cpu_bf16 and facts['cpu_isa'].startswith('AVX512')
     best = 'bf16' if fast_bf16 else 'fp16' if device == 'cuda' else 'fp32'
     slow = asked == 'bf16' and not fast_bf16 and device != 'mps' or asked == 'fp16' and device == 'cpu'
     return (best, 'auto') if asked == 'auto' else (asked, f'asked; likely slower than {best} on this {device}'
                                                    if slow else 'asked')
 
 RAN_ON = {}  # where this run ran, as resolved: metrics.json records it beside the options as given
-
 def pick_device(args):  # the device and precision, said in one line at the start and kept for metrics.json
     available = {'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available(), 'cpu': True}
     if args.device != 'auto' and not available[args.device]:
@@ -149,14 +155,15 @@ def pick_device(args):  # the device and precision, said in one line at the star
     precision, why = choose_precision(args.precision, facts) if 'precision' in args else ('fp32', 'always here')
     torch.backends.cudnn.benchmark = device.type == 'cuda'  # the fastest convolution for these fixed shapes
     where = (torch.cuda.get_device_name(device) + ', compute capability %d.%d' % facts['cuda_capability']
-             if device.type == 'cuda' else f'{facts["cpu_isa"]}, {"" if facts["amx"] else "no "}AMX')
+             if device.type == 'cuda' else f'{facts["cpu_isa"]}, {"" if facts["amx"] else "no "}AMX' +
+             (f', bf16 measured {facts["bf16_speedup"]:.1f}x fp32' if facts['bf16_speedup'] else ''))
     RAN_ON.update(device=device.type, precision=precision, threads=torch.get_num_threads(), torch=torch.__version__)
     print(f'running on {device.type} ({where}) in {precision} ({why}), {RAN_ON["threads"]} CPU threads', flush=True)
     return device, precision
 
 class Amp:
-    """`with amp.autocast():` the forward pass; amp.step(loss, optimizer, clip): backward, clipping, step. fp16
-    flushes gradients below 6e-8 (most of the VQ-VAE's) to 0: a GradScaler scales the loss up, the gradients back."""
+    """`with amp.autocast():` forward; amp.step(loss, optimizer, clip): backward, clipping, step. fp16 flushes gradients
+    below 6e-8 (most of the VQ-VAE's) to 0: a GradScaler scales the loss up, the gradients back."""
     def __init__(self, device, precision):
         self.device, self.dtype = device, {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == 'fp16')
@@ -174,15 +181,13 @@ class Amp:
         self.scaler.update()
 
 def _device_rng(device, state=None):  # {device: random stream} of CUDA or MPS ({} on the CPU); sets `state`
-    module = getattr(torch, device.type) if device.type in ('cuda', 'mps') else None
-    if module and state is not None:
+    if (module := getattr(torch, device.type) if device.type in ('cuda', 'mps') else None) and state is not None:
         module.set_rng_state(state)
     return {device.type: module.get_rng_state()} if module else {}
 
+_REPLACING = {}  # --out -> the old run's files that --overwrite removes once the new run's first checkpoint is in
 _KEYS = {'model', 'optimizer', 'config', 'script', 'epoch', 'rng', 'history', 'train_seconds', 'train_examples',
          'segments'}  # what save_checkpoint writes and restore reads
-_REPLACING = {}  # --out -> the old run's files that --overwrite removes once the new run's first checkpoint is in
-
 def _read_checkpoint(path, quiet=False):  # None if there is none; a damaged or foreign file stops (quiet: None)
     if not os.path.exists(path):
         return None
@@ -338,13 +343,11 @@ def check_finite(train_logs, test, epoch, args, state, hint='', worst=None):
         fail(f'the loss diverged (NaN, infinite, 10,000 times its start, or worse than a naive model) in epoch '
              f'{epoch}, {where}; {kept}. Try a smaller --lr (now {args.lr}){hint}')
 
-def batches(x, batch_size, shuffle, progress=None):
-    """Batches of x for one pass, in a fresh random order when shuffling (drawn on the CPU: the same on every
-    device). progress=(epoch, epochs): on a terminal, a line with images/s and the time left, every 2 s."""
+def batches(x, batch_size, shuffle, progress=None):  # one pass, in an order drawn on the CPU (the same on any device)
     order = (torch.randperm(len(x)) if shuffle else torch.arange(len(x))).to(x.device).split(batch_size)
     start = tick = time.time()
     for i, chunk in enumerate(order):
-        if progress and sys.stdout.isatty() and time.time() - tick > 2:
+        if progress and sys.stdout.isatty() and time.time() - tick > 2:  # (epoch, epochs): speed, time left
             tick, (epoch, epochs), done = time.time(), progress, i * batch_size
             left = (len(x) - done) * (tick - start) / done
             print(f'\repoch {epoch}/{epochs}  batch {i}/{len(order)}  {done / (tick - start):.0f} img/s  epoch left '
@@ -374,8 +377,7 @@ def write_metrics(args, script, state, final, **extra):
     strict = json.loads(json.dumps(metrics), parse_constant=lambda name: None)  # NaN, Infinity -> null
     with open(os.path.join(args.out, 'metrics.json'), 'w') as f:
         json.dump(strict, f, indent=2, allow_nan=False)
-    print('final test: ' + '  '.join(f'{k} {v:.4g}' for k, v in final.items()) + f'\nwrote {args.out}/ (metrics.json, '
-          'model.pt, pictures)')
+    print('final test: ' + '  '.join(f'{k} {v:.4g}' for k, v in final.items()) + f'\nwrote {args.out}/')
     return metrics
 
 def image_grid(path, images, nrow, title=None):  # (N, C, H, W) in [-1, 1] -> one PNG, nrow a row, white borders
@@ -389,10 +391,9 @@ def image_grid(path, images, nrow, title=None):  # (N, C, H, W) in [-1, 1] -> on
 def plot_curves(path, history, epochs, title):  # a panel a term: train values a batch, test values an epoch
     keys = list(history['test'])
     cols, rows = min(len(keys), 4), math.ceil(len(keys) / 4)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
-    for ax in axes.flat[len(keys):]:
-        ax.axis('off')
-    for ax, key in zip(axes.flat, keys):
+    fig = plt.figure(figsize=(3.2 * cols, 2.6 * rows))
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(rows, cols, i + 1)
         train, test = history['train'].get(key, []), history['test'][key]
         ax.plot(np.arange(1, len(train) + 1) * epochs / max(len(train), 1), train, lw=0.5, alpha=0.7, label='train')
         ax.plot(np.arange(1, len(test) + 1), test, 'o-', ms=3, label='test')
@@ -400,7 +401,7 @@ def plot_curves(path, history, epochs, title):  # a panel a term: train values a
         if values.min() > 0 and values.max() > 30 * values.min():  # early values dwarf the rest
             ax.set_yscale('log')
         ax.set(title=key, xlabel='epoch')
-    axes.flat[0].legend(fontsize=7)
+    fig.axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     save_figure(fig, path)
 
@@ -412,7 +413,6 @@ def bar_chart(path, values, xlabel, ylabel, title):
     save_figure(fig, path)
 
 _PICTURES = []  # the pictures this run wrote: metrics.json lists them, so --overwrite removes only those
-
 def save_figure(fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100, bbox_inches='tight')

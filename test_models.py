@@ -1164,12 +1164,14 @@ def test_hostile_pickle_is_refused_and_runs_nothing(tmp_path):
 
 # ------------------------------------------------------------------------------- precision and devices
 
-CPU_AVX2 = {'device': 'cpu', 'cpu_isa': 'AVX2', 'amx': False, 'cuda_capability': None}
+CPU_AVX2 = {'device': 'cpu', 'cpu_isa': 'AVX2', 'amx': False, 'bf16_speedup': None, 'cuda_capability': None}
 
 
 @pytest.mark.parametrize('machine, expected', [
     (CPU_AVX2, 'fp32'),                                                # AMD and Intel laptops, AMD desktops
-    ({**CPU_AVX2, 'cpu_isa': 'AVX512'}, 'fp32'),                      # AVX-512 (with or without bf16), no AMX
+    ({**CPU_AVX2, 'cpu_isa': 'AVX512', 'bf16_speedup': 0.4}, 'fp32'),  # AVX-512 without bf16 (Skylake-X)
+    ({**CPU_AVX2, 'cpu_isa': 'AVX512', 'bf16_speedup': 0.9}, 'fp32'),  # a Xeon held to AVX-512 bf16, no AMX
+    ({**CPU_AVX2, 'cpu_isa': 'AVX512', 'bf16_speedup': 1.8}, 'bf16'),  # AMD Zen 4: bf16 at full width, fp32 at half
     ({**CPU_AVX2, 'cpu_isa': 'AVX512', 'amx': True}, 'bf16'),         # Xeon since Sapphire Rapids
     ({**CPU_AVX2, 'amx': True}, 'fp32'),                              # the same, run as an AVX2 CPU
     ({**CPU_AVX2, 'cpu_isa': 'DEFAULT'}, 'fp32'),                     # ARM
@@ -1194,18 +1196,29 @@ def test_a_slow_explicit_precision_runs_with_a_note():
 
 
 def test_the_cpus_facts_follow_what_torch_is_told_to_use(monkeypatch):
-    """An AMX Xeon run as an AVX2 laptop (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2) counts as one."""
+    """An AMX Xeon run as an AVX2 laptop (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2) counts as one; bf16 is
+    measured on AVX-512 CPUs without AMX only (here a stand-in for the measurement says 0.9)."""
+    monkeypatch.setattr(common, '_bf16_speedup', lambda: 0.9)
     monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: True, raising=False)
     monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX512')
     monkeypatch.delenv('ONEDNN_MAX_CPU_ISA', raising=False)
     monkeypatch.delenv('DNNL_MAX_CPU_ISA', raising=False)
     assert common.choose_precision('auto', common.machine_facts(torch.device('cpu')))[0] == 'bf16'
+    assert common.machine_facts(torch.device('cpu'))['bf16_speedup'] is None  # AMX: not measured
     for isa in ('AVX2', 'AVX512_CORE_BF16'):
         monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', isa)
-        assert not common.machine_facts(torch.device('cpu'))['amx']
+        facts = common.machine_facts(torch.device('cpu'))
+        assert not facts['amx'] and facts['bf16_speedup'] == 0.9 and common.choose_precision('auto', facts)[0] == 'fp32'
     monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX512_CORE_AMX')
     monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX2')
     assert common.choose_precision('auto', common.machine_facts(torch.device('cpu')))[0] == 'fp32'
+    assert common.machine_facts(torch.device('cpu'))['bf16_speedup'] is None  # AVX2: bf16 is 14-35x slower, unmeasured
+
+
+def test_the_bf16_measurement_leaves_the_runs_random_stream_alone():
+    before = torch.get_rng_state()
+    speedup = common._bf16_speedup.__wrapped__()  # measured afresh, not the process's cached figure
+    assert torch.equal(torch.get_rng_state(), before) and 0 < speedup < math.inf
 
 
 def fp16_steps(model, loss, steps=14, clip=0.0):
