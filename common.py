@@ -110,7 +110,7 @@ def make_parser(doc, script, datasets, dataset, epochs, batch_size, lr, why, pre
                        '(the prior re-encodes its data) and redraw the pictures: --seed N draws new ones')
     if precision:  # convolutions only: the 2D MLPs are too small to gain from it
         p.add_argument('--precision', choices=['auto', 'fp32', 'bf16', 'fp16'], default='auto', help='of training '
-                       '(tests: fp32). auto: bf16 on A100/H100/RTX 30xx, AMX CPUs; fp16 on T4, V100; else fp32')
+                       '(tests: fp32). auto: bf16 on A100/H100/RTX 30xx, AMX/Zen 4 CPUs; fp16 on T4, V100; else fp32')
     if compile:  # offered where it measurably helps (README, speed)
         p.add_argument('--compile', action='store_true', help='torch.compile the training step: 1.2-1.4x faster after '
                        '10-20 s of compiling; needs a C++ compiler (CPU) or Triton (GPU)')
