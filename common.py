@@ -127,11 +127,11 @@ def _bf16_speedup():  # fp32's time over bf16's for a conv layer's forward and b
             best[bf16] = min(best.get(bf16, math.inf), time.perf_counter() - start)
     return best[False] / best[True]
 
-def machine_facts(device):  # what the precision depends on; ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA can lower it
+def machine_facts(device, measure=True):  # what precision depends on; ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA lower it
     isa, onednn = torch.backends.cpu.get_cpu_capability(), os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL').upper()
     amx = getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)() and ('AMX' in onednn or onednn == 'ALL')
     return {'device': device.type, 'cpu_isa': isa, 'amx': amx, 'bf16_speedup': _bf16_speedup() if device.type == 'cpu'
-            and isa.startswith('AVX512') and not amx else None,  # Zen 4: 1.8; a Xeon held to AVX-512 bf16: 0.9
+            and isa.startswith('AVX512') and not amx and measure else None,  # Zen 4: 1.8; Xeon, AVX-512 bf16: 0.9
             'cuda_capability': torch.cuda.get_device_capability(device) if device.type == 'cuda' else None}
 
 def choose_precision(asked, facts):
@@ -151,7 +151,7 @@ def pick_device(args):  # the device and precision, said in one line at the star
     if args.device != 'auto' and not available[args.device]:
         fail(f'--device {args.device} is not available on this machine; use --device auto')
     device = torch.device(args.device if args.device != 'auto' else next(d for d, ok in available.items() if ok))
-    facts = machine_facts(device)
+    facts = machine_facts(device, measure='precision' in args)  # vae_2d is always fp32: nothing to measure
     precision, why = choose_precision(args.precision, facts) if 'precision' in args else ('fp32', 'always here')
     torch.backends.cudnn.benchmark = device.type == 'cuda'  # the fastest convolution for these fixed shapes
     where = (torch.cuda.get_device_name(device) + ', compute capability %d.%d' % facts['cuda_capability']
@@ -207,9 +207,9 @@ def _interrupted(args, script, argv, path):  # Ctrl-C: exit 130 with one line, t
     handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # right even mid-write) and the command that goes on
     epoch = None if args.out in _REPLACING else (_read_checkpoint(path, quiet=True) or {}).get('epoch')
     flag = '--resume' if epoch is not None and epoch < args.epochs and not args.sample_only else '--sample-only'
-    kept = [a for a in (sys.argv[1:] if argv is None else argv) if a[2:] not in ('resume', 'overwrite', 'sample-only')]
+    own = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ('--resume', '--overwrite', '--sample-only')]
     command = shell_command([sys.executable, sys.argv[0] if sys.argv[0].endswith(f'{script}.py') else f'{script}.py']
-                            + kept + [flag])
+                            + own + [flag])
     print(('\n' if sys.stdout.isatty() else '') + (f'interrupted; {path} holds epoch {epoch} of {args.epochs}. '
           f'Continue with: {command}' if epoch is not None else f'interrupted before the first epoch ended; {args.out} '
           f'is kept as it was'), file=sys.stderr, flush=True)

@@ -1209,6 +1209,7 @@ def test_the_cpus_facts_follow_what_torch_is_told_to_use(monkeypatch):
         monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', isa)
         facts = common.machine_facts(torch.device('cpu'))
         assert not facts['amx'] and facts['bf16_speedup'] == 0.9 and common.choose_precision('auto', facts)[0] == 'fp32'
+    assert common.machine_facts(torch.device('cpu'), measure=False)['bf16_speedup'] is None  # vae_2d: no --precision
     monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX512_CORE_AMX')
     monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX2')
     assert common.choose_precision('auto', common.machine_facts(torch.device('cpu')))[0] == 'fp32'
@@ -1416,6 +1417,15 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch
     os.remove(os.path.join(out, 'samples.png'))  # --sample-only redraws from model.pt, no training
     again = vae_2d.main(args + ['--out', out, '--sample-only'])
     assert os.path.exists(os.path.join(out, 'samples.png')) and again['epochs_trained'] == 3
+
+
+def test_the_continue_command_keeps_every_word_but_the_flag(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # an --out whose name ends like a flag: ./resume
+    monkeypatch.setattr(vae_2d, 'loss_terms', after_first_checkpoint('./resume', ctrl_c))
+    with pytest.raises(SystemExit):
+        vae_2d.main(TWO_EPOCHS + ['--out', './resume'])
+    command = split_command(capsys.readouterr().err.split('Continue with: ')[1])
+    assert command[2:] == TWO_EPOCHS + ['--out', './resume', '--resume']
 
 
 def test_a_new_run_never_replaces_a_trained_model(tmp_path):
