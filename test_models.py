@@ -866,6 +866,50 @@ def test_restarts_never_follow_an_epochs_last_step(monkeypatch):
     assert len(calls) == 2 and logs['restarts'].tolist() == [8, 0, 0]  # batches of 4, 4, 2: none after the last
 
 
+
+def test_precise_batch_norm_is_the_average_of_the_batches_statistics():
+    """recompute_batchnorm: each norm's running mean and variance become the average over the batches of what
+    training mode uses (checked on the first norm, which sees the first convolution); nothing else moves."""
+    torch.manual_seed(0)
+    model = vqvae.VQVAE(3, num_codes=8, code_dim=8)
+    x = torch.rand(12, 3, 32, 32) * 2 - 1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    vqvae.recompute_batchnorm(model, x, batch_size=4)
+    with torch.no_grad():
+        chunks = model.encoder[0](x).split(4)  # 3 batches of (4, D, 16, 16): what the first norm sees
+    mean = torch.stack([c.mean((0, 2, 3)) for c in chunks]).mean(0)
+    var = torch.stack([c.var((0, 2, 3)) for c in chunks]).mean(0)  # unbiased a batch, as PyTorch keeps it
+    norm = model.encoder[1]
+    assert torch.allclose(norm.running_mean, mean, atol=1e-6) and torch.allclose(norm.running_var, var, rtol=1e-5)
+    assert torch.equal(torch.get_rng_state(), rng)  # no random numbers: resume stays exact
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {k for k in before if 'running_' in k or 'num_batches' in k}  # the norms' statistics only
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert not model.training and all(m.momentum == 0.1 and not m.training for m in norms)  # ready to train on
+
+
+def test_precise_batch_norm_changes_the_test_numbers_not_the_training(image_dir, tmp_path):
+    """--bn-images 0 (running averages) and the default train the same weights; the default's checkpoint holds
+    the statistics recomputed over the training images, and its test numbers are computed with them."""
+    runs = {}
+    for n in ('0', '1024'):
+        out = str(tmp_path / n)
+        vqvae.main(['--dataset', 'cifar10', '--data-dir', image_dir, '--epochs', '2', '--batch-size', '16',
+                    '--num-codes', '8', '--code-dim', '16', '--bn-images', n, '--out', out])
+        runs[n] = torch.load(os.path.join(out, 'model.pt'), weights_only=True)['model'], read_metrics(out)
+    (running, m_running), (precise, m_precise) = runs['0'], runs['1024']
+    statistics = {k for k in running if 'running_' in k or 'num_batches' in k}
+    assert all(torch.equal(running[k], precise[k]) for k in running if k not in statistics)  # the same training
+    model = vqvae.VQVAE(3, 8, 16)
+    model.load_state_dict(running)
+    train_x, test_x = common.load_images('cifar10', image_dir)
+    vqvae.recompute_batchnorm(model, train_x[:1024], 16)  # by hand, from the other run's weights
+    assert all(torch.allclose(model.state_dict()[k].float(), precise[k].float()) for k in statistics)
+    args = vqvae.parse_args(['--num-codes', '8', '--code-dim', '16'])
+    assert m_precise['final_test']['recon_mse'] == pytest.approx(vqvae.evaluate(model, test_x, args)[0]['recon_mse'], rel=1e-5)
+    assert m_precise['final_test']['recon_mse'] != pytest.approx(m_running['final_test']['recon_mse'], rel=1e-3)
+
 # ------------------------------------------------------------------------------------------ 5. pixelcnn_prior
 
 def input_gradients(prior, p, size=8, hidden=8):

@@ -115,6 +115,11 @@ def parse_args(argv=None):
     p.add_argument('--output', choices=['tanh', 'linear'], default='tanh',
                    help="the decoder's last step: tanh keeps every decoded value inside the pixel range [-1, 1]; "
                         "linear, the course's, lets bright regions overshoot into coloured dots (README, VQ-VAE)")
+    p.add_argument('--bn-images', type=common.positive(int, or_zero=True), default=1024,
+                   help="before each evaluation, batch norm's statistics are recomputed over this many training "
+                        "images (precise batch norm); 0 keeps the running averages of the last ~10 training "
+                        "batches, the course's, which left the 20-epoch tanh default's test recon 0.021 -> 0.031 "
+                        "at one seed (README, VQ-VAE)")
     p.add_argument('--clip-grad', type=common.positive(float, or_zero=True), default=1.0,
                    help="clip the gradient norm at this value, 0 for none; 1 as in the course: the first steps' "
                         "norms reach 54, and clipping them lowers recon by a quarter after 2 epochs, a fifth after 20 "
@@ -331,6 +336,25 @@ def train_epoch(model, optimizer, amp, x, args, progress, loss_fn=loss_terms):
     return dict(zip(terms, torch.stack(logs).T))  # {term: (n_batches,)}
 
 
+def recompute_batchnorm(model, x, batch_size):
+    """Precise batch norm (Wu & Johnson, 2021, "Rethinking 'Batch' in BatchNorm", section 3): set every batch
+    norm's running mean and variance to the average over the batches of x of the statistics training mode
+    uses, with the weights as they are now. The running averages (momentum 0.1) are mostly the last ~10
+    batches', taken while the weights were still moving; evaluated with them, one tanh seed's test recon was
+    half again its value with the batches' own statistics. Training never reads these statistics, so this
+    changes test numbers only, not the weights. In fp32 and in order (no random numbers), like evaluate."""
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        model.eval()  # the codebook does not move in a forward pass; only the norms take training mode
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum, m.training = None, True  # momentum None: a plain average over the batches
+        for batch in common.batches(x, batch_size, shuffle=False):
+            model(batch)
+        for m in norms:
+            m.momentum, m.training = 0.1, False  # PyTorch's default again, for the next epoch's training
+
+
 def evaluate(model, x, args):
     """Mean test terms (weighted by batch size), plus perplexity and codes used over the whole set, in eval
     mode (batch norm's running statistics: an image's codes do not depend on its batch). Also returns the
@@ -375,6 +399,8 @@ def main(argv=None):
             start = time.time()
             train_logs = train_epoch(model, optimizer, amp, train_x, args, (epoch, args.epochs), train_loss)
             seconds = time.time() - start
+            if args.bn_images:
+                recompute_batchnorm(model, train_x[:args.bn_images], args.batch_size)
             test = evaluate(model, test_x, args)[0]
             common.check_finite(train_logs, test, epoch, args, state, worst=WORST)
             common.record(state, train_logs, test, seconds, len(train_x))
