@@ -406,7 +406,7 @@ def plot_curves(path, history, epochs, title):  # a panel a term: train values a
     save_figure(fig, path)
 
 def bar_chart(path, values, xlabel, ylabel, title):
-    fig, ax = plt.subplots(figsize=(max(3.0, 0.25 * len(values)), 2.8))
+    fig, ax = plt.subplots(figsize=(min(10.0, max(3.0, 0.25 * len(values))), 2.8))  # 10 in: a README page wide
     ax.bar(np.arange(len(values)), np.asarray(values, dtype=float))
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.set_title(title, fontsize=9)
