@@ -359,7 +359,8 @@ def recompute_batchnorm(model, x, batch_size):
 
 def evaluate(model, x, args):
     """Mean test terms (weighted by batch size), plus perplexity and codes used over the whole set, in eval
-    mode (batch norm's running statistics: an image's codes do not depend on its batch). Also returns the
+    mode (batch norm's stored statistics, recomputed before each evaluation unless --bn-images 0: an image's
+    codes do not depend on its batch). Also returns the
     code counts and the two figures of `speckle` (reported once, at the end: NaN for grey images)."""
     with torch.no_grad():
         model.eval()
