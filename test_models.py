@@ -854,7 +854,7 @@ def test_a_restart_needs_no_more_outputs_than_dead_codes(image_dir, tmp_path):
     assert m['epochs_trained'] == 1
 
 
-def test_restarts_never_follow_an_epochs_last_step(monkeypatch):
+def test_train_epoch_takes_full_batches_and_no_restart_after_its_last_step(monkeypatch):
     calls = []
     real = vqvae.restart_dead_codes
     monkeypatch.setattr(vqvae, 'restart_dead_codes', lambda *a: calls.append(1) or real(*a))
@@ -862,8 +862,13 @@ def test_restarts_never_follow_an_epochs_last_step(monkeypatch):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     args = vqvae.parse_args(['--batch-size', '4', '--num-codes', '8'])
     args.restart_below = 1e9  # every code dead (parse_args refuses it: every code would restart every step)
-    logs = vqvae.train_epoch(model, optimizer, FP32, torch.rand(10, 3, 32, 32) * 2 - 1, args, (1, 1))
-    assert len(calls) == 2 and logs['restarts'].tolist() == [8, 0, 0]  # batches of 4, 4, 2: none after the last
+    sizes = []
+    loss_fn = lambda model, batch, *a: sizes.append(len(batch)) or vqvae.loss_terms(model, batch, *a)
+    logs = vqvae.train_epoch(model, optimizer, FP32, torch.rand(10, 3, 32, 32) * 2 - 1, args, (1, 1), loss_fn)
+    assert sizes == [4, 4]  # full batches only: the 2 left over are skipped
+    assert len(calls) == 1 and logs['restarts'].tolist() == [8, 0]  # none after the last step
+    vqvae.train_epoch(model, optimizer, FP32, torch.rand(3, 3, 32, 32) * 2 - 1, args, (1, 1), loss_fn)
+    assert sizes[2:] == [3]  # fewer images than a batch: one step on all of them
 
 
 
