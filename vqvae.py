@@ -60,6 +60,9 @@ bright regions (skies, white backgrounds), where the linear output overshoots 1:
 1.5% of decoded values outside [-1, 1], and a mean error by position modulo 4 that spans 0.18-0.22 per channel
 in bright pixels: coloured dots. With tanh, 0.05 (README, VQ-VAE).
 
+Each epoch trains on full batches only: the images left over (16 of 10,000; a different 16 each epoch)
+are skipped, since a step with batch norm over so few knocked the encoder off its codes (README, VQ-VAE).
+
 The VQ-VAE has a uniform prior over codes during training, so its loss is not a likelihood; fitting a
 prior over the codes afterwards is the job of pixelcnn_prior.py, which reads this script's model.pt.
 
