@@ -326,8 +326,7 @@ def train_epoch(model, optimizer, amp, x, args, progress, loss_fn=loss_terms):
     included."""
     model.train()
     logs = []
-    # The images left over (16 of 10,000 in batches of 128; a different 16 each epoch) are skipped: a last step
-    # with batch norm over 16 images knocked the encoder off its codes at 12 of 57 epoch ends (README section 4).
+    # the few images left over are skipped (why: the docstring at the top)
     n_batches = len(x) // args.batch_size or 1  # fewer images than a batch: one step on all of them
     batches = common.batches(x, args.batch_size, shuffle=True, progress=progress)
     for i, batch in zip(range(n_batches), batches):  # range first: zip stops before drawing a short batch
